@@ -1,0 +1,122 @@
+"""One engine instance: scheduler + block manager + model runner + sampler. Imports no Ray.
+
+    batch = scheduler.schedule(); logits = runner.execute(batch); scheduler.commit(...)
+
+The Serve deployments are thin adapters over this class (and ``AsyncEngine`` for streaming).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+
+import torch
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .model import LlamaModel
+from .request import Request, RequestOutput, SamplingParams, Status
+from .runner import ModelRunner
+from .sampler import Sampler
+from .scheduler import QueueFull, Scheduler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "QueueFull"]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model: LlamaModel | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        mcfg = config.model
+        self.model = model or LlamaModel(mcfg)
+        self.runner = ModelRunner(self.model, config.cache)
+        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        max_len = config.scheduler.max_model_len or mcfg.max_position_embeddings
+        self.max_model_len = min(max_len, mcfg.max_position_embeddings)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len)
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.on_layer: Callable[[int], None] | None = None  # set by the KV-transfer layer
+        log.info(
+            "engine ready: %s, role=%s, %d KV blocks of %d tokens",
+            mcfg.architecture, config.scheduler.role, self.blocks.num_blocks,
+            config.cache.block_size,
+        )
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: send at least one token")
+        vocab = self.config.model.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        req = Request(rid, list(prompt_ids), params, self.config.model.eos_token_ids)
+        self.scheduler.add(req)
+        self.requests[rid] = req
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks. Unknown ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.remove(request_id)
+        if req.block_ids:
+            self.blocks.free(req)
+        req.status, req.finish_reason = Status.FINISHED, "abort"
+        return True
+
+    def finish(self, request_id: str, reason: str) -> None:
+        """End a request early (a stop string found by the detokenizer)."""
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.status.done:
+            self.scheduler.finish(req, reason)
+
+    def release(self, request_id: str) -> None:
+        """Prefill role: the KV of a prefilled request has been handed off; free its blocks."""
+        self.requests.pop(request_id, None)
+        self.scheduler.release(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = self.runner.execute(batch, self.on_layer)
+        samples = batch.samples()
+        reqs = [r for r, s in zip(batch.requests, samples) if s]
+        toks, lps = self.sampler(logits, reqs) if reqs else ([], [])
+        it = iter(zip(toks, lps))
+        tokens, logprobs = [], []
+        for s in samples:
+            t, lp = next(it) if s else (None, None)
+            tokens.append(t)
+            logprobs.append(lp)
+        outs = self.scheduler.commit(batch, tokens, logprobs)
+        for o in outs:
+            if o.finished and o.finish_reason != "prefilled":
+                self.requests.pop(o.request_id, None)
+        return outs
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "free_blocks": self.blocks.num_free,
+            "total_blocks": self.blocks.num_blocks,
+            "preemptions": self.scheduler.num_preemptions,
+        }
