@@ -1,0 +1,139 @@
+"""The bytes of one layer message and the tags they travel under.
+
+One message carries one layer of one transfer between one (sender rank, receiver rank) pair:
+the K and V of the plan's blocks, restricted to the heads `head_slices` gave that pair. It is
+a single contiguous uint8 buffer, so one send/recv moves a whole layer whatever the dtype:
+
+    raw   : | header 16 B | K,V  [2, n_blocks, block_size, heads, head_dim] in the KV dtype |
+    int8  : | header 16 B | qK [n,bs,h,d] | qV [n,bs,h,d] | pad to 16 | sK fp32 [h,d] |
+            | sV fp32 [n,bs,h] |
+    header: int64 fingerprint of the transfer, int64 layer index
+
+The receiver checks the header before it scatters anything, so a message that matched the
+wrong recv (a tag collision, or NCCL's order-only matching used wrongly) fails the transfer
+instead of silently writing another request's KV.
+
+Tags are 31 bits: | transfer tag_id (20 bits) | message (11 bits) |, with message = the layer
+index (0..2045) for data, 2047 for the ack, and 2046 reserved by torch_channel for close().
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.kvtransfer.channel import TransferError
+from pdserve.kvtransfer.compress import compressed_nbytes, dequantize_kv, quantize_kv
+from pdserve.kvtransfer.plan import TransferPlan
+
+HEADER_BYTES = 16
+_MSG_BITS = 11
+ACK_MSG = (1 << _MSG_BITS) - 1
+
+
+def layer_tag(plan: TransferPlan, layer: int) -> int:
+    return (plan.tag_id << _MSG_BITS) | layer
+
+
+def ack_tag(plan: TransferPlan) -> int:
+    return (plan.tag_id << _MSG_BITS) | ACK_MSG
+
+
+def _align16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+@dataclass(frozen=True, slots=True)
+class LayerWire:
+    """The byte layout of one layer message of a plan, for a route carrying `num_heads` heads."""
+
+    num_blocks: int
+    block_size: int
+    num_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    compress: str | None
+
+    @classmethod
+    def for_plan(cls, plan: TransferPlan, num_heads: int) -> LayerWire:
+        lay = plan.src_layout
+        return cls(plan.num_blocks, lay.block_size, num_heads, lay.head_dim, lay.dtype,
+                   plan.compress)
+
+    @property
+    def _one_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_blocks, self.block_size, self.num_heads, self.head_dim)
+
+    @property
+    def _int8_offsets(self) -> tuple[int, int, int, int, int]:
+        """(qK, qV, sK, sV, end) byte offsets of the int8 layout."""
+        nq, nsk = compressed_nbytes(self._one_shape, "channel")
+        _, nsv = compressed_nbytes(self._one_shape, "token")
+        qk = HEADER_BYTES
+        sk = _align16(qk + 2 * nq)
+        return qk, qk + nq, sk, sk + nsk, sk + nsk + nsv
+
+    @property
+    def nbytes(self) -> int:
+        if self.compress == "int8":
+            return self._int8_offsets[-1]
+        n = self.num_blocks * self.block_size * self.num_heads * self.head_dim
+        return HEADER_BYTES + 2 * n * self.dtype.itemsize
+
+    def empty(self, device: torch.device) -> torch.Tensor:
+        return torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+
+    def pack(
+        self,
+        kv_layer: torch.Tensor,
+        block_ids: torch.Tensor,
+        heads: slice,
+        out: torch.Tensor,
+        fingerprint: int,
+        layer: int,
+    ) -> None:
+        """Gather kv_layer[:, block_ids][..., heads, :] ([2, nb, bs, h, d] view) into `out`."""
+        out[:HEADER_BYTES].view(torch.int64).copy_(torch.tensor([fingerprint, layer]))
+        src = kv_layer[:, :, :, heads, :]
+        if self.compress is None:
+            payload = out[HEADER_BYTES:].view(self.dtype).view(2, *self._one_shape)
+            torch.index_select(src, 1, block_ids, out=payload)
+            return
+        qk, qv, sk, sv, end = self._int8_offsets
+        kv = src.index_select(1, block_ids)  # [2, n, bs, h, d]
+        for part, per, q_at, s_at, s_end in ((0, "channel", qk, sk, sv),
+                                             (1, "token", qv, sv, end)):
+            q, scale = quantize_kv(kv[part], per)
+            out[q_at:q_at + q.numel()].view(torch.int8).view(q.shape).copy_(q)
+            out[s_at:s_end].view(torch.float32).view(scale.shape).copy_(scale)
+
+    def unpack(
+        self,
+        buf: torch.Tensor,
+        kv_layer: torch.Tensor,
+        block_ids: torch.Tensor,
+        heads: slice,
+        fingerprint: int,
+        layer: int,
+    ) -> None:
+        """Check the header, then scatter `buf` into kv_layer[:, block_ids][..., heads, :]."""
+        got = buf[:HEADER_BYTES].view(torch.int64).tolist()
+        if got != [fingerprint, layer]:
+            raise TransferError(
+                f"message for layer {layer} carried (transfer {got[0]:#x}, layer {got[1]}), "
+                f"expected ({fingerprint:#x}, {layer}): messages were mixed up"
+            )
+        dst = kv_layer[:, :, :, heads, :]
+        if self.compress is None:
+            payload = buf[HEADER_BYTES:].view(self.dtype).view(2, *self._one_shape)
+            dst.index_copy_(1, block_ids, payload)
+            return
+        qk, qv, sk, sv, end = self._int8_offsets
+        nq = qv - qk
+        b, bs, h, d = self._one_shape
+        for part, q_at, s_at, s_end, s_shape in ((0, qk, sk, sv, (1, 1, h, d)),
+                                                 (1, qv, sv, end, (b, bs, h, 1))):
+            q = buf[q_at:q_at + nq].view(torch.int8).view(self._one_shape)
+            scale = buf[s_at:s_end].view(torch.float32).view(s_shape)
+            dst[part].index_copy_(0, block_ids, dequantize_kv(q, scale, self.dtype))

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-weight HF model folders, HF greedy references."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny_models import make_model  # noqa: E402
+
+# A mix of prompt lengths: 1 token up to several blocks, multi-byte text included.
+PROMPTS = [
+    "The",
+    "The quick brown fox",
+    "Un café crème, s'il vous plaît.",
+    "日本語のテキスト",
+    "def add(a, b):\n    return a + b\n" * 3,
+    "Emoji 🚀🔥 and symbols ∑∫√ appear sometimes. " * 2,
+    "Serving large language models needs prefill and decode. " * 4,
+    "Numbers 0123456789 and punctuation!?.,;: " * 6,
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Llama, 4 heads / 2 KV heads (GQA), tied embeddings."""
+    return make_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    cache: dict = {}
+
+    def make(arch: str = "llama", **kw) -> Path:
+        key = (arch, tuple(sorted((k, str(v)) for k, v in kw.items())))
+        if key not in cache:
+            cache[key] = make_model(tmp_path_factory.mktemp(arch), arch, **kw)
+        return cache[key]
+
+    return make
+
+
+def hf_greedy(path: Path, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Hugging Face transformers greedy generation, one prompt at a time (the truth)."""
+    import torch
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    outs = []
+    for ids in prompt_ids:
+        x = torch.tensor([ids])
+        y = model.generate(x, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                           do_sample=False, pad_token_id=0, eos_token_id=None)
+        outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+def smollm2_path() -> Path | None:
+    from pdserve.workers.model_store import DEFAULT_MODEL, is_model_folder, models_dir
+
+    p = models_dir() / DEFAULT_MODEL
+    return p if is_model_folder(p) else None

@@ -1,0 +1,93 @@
+"""Streaming on top of ``Engine``: a background thread steps the engine while asyncio callers
+await their own request's outputs.
+
+Threading contract: the engine is only touched under ``self._lock``; the step thread holds it
+for one ``step()`` at a time, so ``add``/``abort`` wait at most one step. Outputs cross to the
+caller's event loop with ``call_soon_threadsafe``. A caller that stops iterating (client
+disconnect, cancellation) aborts its request, which frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from .engine import Engine
+from .request import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._loop, name="pdserve-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            with self._lock:
+                busy = self.engine.has_work
+                outs = self.engine.step() if busy else []
+            if not busy:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            for o in outs:
+                self._deliver(o.request_id, o)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        s = self._streams.get(request_id)
+        if s is not None:
+            loop, q = s
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def call(self, fn, *args):
+        """Run ``fn(engine, *args)`` under the engine lock (for control calls)."""
+        with self._lock:
+            return fn(self.engine, *args)
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            req = self.engine.add_request(prompt_ids, params, request_id)
+            self._streams[req.request_id] = (asyncio.get_running_loop(), q)
+        self._wake.set()
+        done = False
+        try:
+            while not done:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                done = item.finished
+                yield item
+        finally:
+            self._streams.pop(req.request_id, None)
+            if not done:
+                self.abort(req.request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort(request_id)
+
+    def finish(self, request_id: str, reason: str) -> None:
+        with self._lock:
+            self.engine.finish(request_id, reason)
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
