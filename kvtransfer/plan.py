@@ -69,8 +69,14 @@ class KVLayout:
 
     def kv_shape(self, rank: int, num_blocks: int) -> tuple[int, ...]:
         """The shape of TP rank `rank`'s KV tensor with `num_blocks` blocks."""
-        return (self.num_layers, 2, num_blocks, self.block_size, self.num_heads_local(rank),
-                self.head_dim)
+        return (
+            self.num_layers,
+            2,
+            num_blocks,
+            self.block_size,
+            self.num_heads_local(rank),
+            self.head_dim,
+        )
 
 
 def _sender_of(head: int, src: KVLayout, dst_rank: int) -> int:
@@ -98,8 +104,10 @@ def head_slices(
         return None
     lo, hi = mine[0], mine[-1] + 1
     assert hi - lo == len(mine), "head assignment must be contiguous"
-    return (slice(lo - src_heads.start, hi - src_heads.start),
-            slice(lo - dst_heads.start, hi - dst_heads.start))
+    return (
+        slice(lo - src_heads.start, hi - src_heads.start),
+        slice(lo - dst_heads.start, hi - dst_heads.start),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +142,14 @@ class TransferPlan:
             raise ValueError("dst_block_ids must not repeat a block")
         for name in ("num_layers", "block_size", "num_kv_heads_total", "head_dim", "dtype_str"):
             if getattr(s, name) != getattr(d, name):
-                raise ValueError(f"layouts differ in {name}: {getattr(s, name)} vs "
-                                 f"{getattr(d, name)}; only tp_size may differ")
+                raise ValueError(
+                    f"layouts differ in {name}: {getattr(s, name)} vs "
+                    f"{getattr(d, name)}; only tp_size may differ"
+                )
         if not 0 <= self.layer_start < self.layer_end <= s.num_layers:
-            raise ValueError(f"layers [{self.layer_start}, {self.layer_end}) outside "
-                             f"[0, {s.num_layers})")
+            raise ValueError(
+                f"layers [{self.layer_start}, {self.layer_end}) outside [0, {s.num_layers})"
+            )
         if self.layer_end > MAX_LAYERS:
             raise ValueError(f"at most {MAX_LAYERS} layers can be transferred")
         if self.compress not in COMPRESSIONS:

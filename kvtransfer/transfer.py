@@ -12,14 +12,21 @@ Protocol for one transfer, per (sender rank s, receiver rank r) pair that `head_
       sends, posts and waits for the ack  <--- ack ---
     -> the caller may now free/reuse its blocks        -> the caller may now schedule the request
 
+Cancelling (`KVSender.abort`, e.g. the client went away mid-prefill) sends the layers not yet
+sent as same-size *cancel* messages; the receiver drains them, acks "cancelled" (the negated
+fingerprint) and raises TransferCancelled. The protocol thus always runs to its end, and the
+channel stays usable for the other transfers on it.
+
 Lifetimes (LESSONS #3): the sender's blocks stay untouched until `wait_done` returns; today the
 gather copies synchronously, but a zero-copy path may read the blocks later. The receiver
 writes `kv` only inside `receive`, and only blocks in `dst_block_ids`; if `receive` raises,
 those blocks hold garbage and the caller frees them. Every wait has a deadline (LESSONS #1);
 any failure breaks the channel (see channel.py), and the ChannelPool replaces it.
 
-The ack recv is posted after the sends, not before: on NCCL a posted recv holds the pair's
-stream, and sends queued behind it would never run.
+The sender posts its ack recvs in `begin` on tagged (gloo) channels, so that the receiver's ack
+send completes at once (a gloo send waits for the matching recv); on order-only (NCCL) channels
+it posts them after the sends, because there a posted recv holds the pair's stream and sends
+queued behind it would never run.
 """
 
 from __future__ import annotations
@@ -30,10 +37,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-
-from pdserve.kvtransfer.channel import Channel, Pending, TransferError, TransferTimeout
-from pdserve.kvtransfer.plan import KVLayout, TransferPlan, head_slices
+from pdserve.kvtransfer.channel import Channel, Pending, TransferError
+from pdserve.kvtransfer.plan import TransferPlan
+from pdserve.kvtransfer.routes import OrderedGuard, Route, check_kv, close_routes, plan_routes
 from pdserve.kvtransfer.wire import LayerWire, ack_tag, layer_tag
+
+
+class TransferCancelled(TransferError):
+    """A sender rank cancelled the transfer; the receiver frees the blocks it reserved."""
+
+
+def _nack(plan: TransferPlan) -> int:
+    # The ack value meaning "cancelled"; fingerprints are >= 0, so this never equals one.
+    return -1 - plan.fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,92 +71,55 @@ class TransferStats:
 
 
 @dataclass(slots=True)
-class _Route:
-    """One (sender rank, receiver rank) leg of a transfer."""
-
-    peer_rank: int  # the other side's TP rank
-    channel: Channel
-    heads: slice  # this side's local heads on the leg
-    wire: LayerWire
-
-
-def _routes(
-    plan: TransferPlan, rank: int, channels: Mapping[int, Channel], sending: bool
-) -> list[_Route]:
-    """The legs this rank takes part in; `channels` maps the peer's TP rank to a channel."""
-    src, dst = plan.src_layout, plan.dst_layout
-    routes = []
-    peers = range(dst.tp_size if sending else src.tp_size)
-    for peer in peers:
-        pair = head_slices(src, rank, dst, peer) if sending else head_slices(src, peer, dst, rank)
-        if pair is None:
-            continue
-        if peer not in channels:
-            side = "receiver" if sending else "sender"
-            raise ValueError(f"transfer {plan.request_id!r} needs a channel to {side} rank {peer}")
-        heads = pair[0] if sending else pair[1]
-        wire = LayerWire.for_plan(plan, heads.stop - heads.start)
-        routes.append(_Route(peer, channels[peer], heads, wire))
-    return routes
-
-
-def _check_kv(kv: torch.Tensor, layout: KVLayout, rank: int, block_ids: tuple[int, ...]) -> None:
-    expect = layout.kv_shape(rank, kv.shape[2] if kv.dim() == 6 else 0)
-    if tuple(kv.shape) != expect or kv.dtype != layout.dtype:
-        raise ValueError(f"kv is {tuple(kv.shape)} {kv.dtype}, the layout says {expect} "
-                         f"{layout.dtype} for TP rank {rank}")
-    if max(block_ids) >= kv.shape[2] or min(block_ids) < 0:
-        raise ValueError(f"block ids must lie in [0, {kv.shape[2]})")
-
-
-class _OrderedGuard:
-    """Keeps order-only channels (NCCL) to one transfer at a time, per side."""
-
-    def __init__(self) -> None:
-        self._busy: set[int] = set()
-        self._lock = threading.Lock()
-
-    def claim(self, routes: list[_Route], request_id: str) -> None:
-        with self._lock:
-            ordered = [id(r.channel) for r in routes if r.channel.ordered_only]
-            if any(c in self._busy for c in ordered):
-                raise TransferError(f"{request_id!r}: an order-only channel is already busy")
-            self._busy.update(ordered)
-
-    def release(self, routes: list[_Route]) -> None:
-        with self._lock:
-            self._busy.difference_update(id(r.channel) for r in routes)
-
-
-@dataclass(slots=True)
 class _Outgoing:
     plan: TransferPlan
-    routes: list[_Route]
+    routes: list[Route]
     block_ids: torch.Tensor | None = None
     sent: set[int] = field(default_factory=set)
     pending: list[Pending] = field(default_factory=list)
+    acks: dict[int, tuple[torch.Tensor, Pending]] = field(default_factory=dict)  # by route
     nbytes: int = 0
     pack_s: float = 0.0
+
+    def post_acks(self, ordered_too: bool) -> None:
+        """Post the ack recvs not posted yet (those of order-only channels if `ordered_too`).
+
+        Tagged channels get theirs at `begin`: a gloo send completes only once the matching
+        recv is posted, so an early recv lets the receiver finish the moment it has acked,
+        whenever the sender gets round to `wait_done`. Order-only (NCCL) channels get theirs
+        after the sends, as a recv posted first would hold the pair's stream (module doc).
+        """
+        for i, route in enumerate(self.routes):
+            if i in self.acks or (route.channel.ordered_only and not ordered_too):
+                continue
+            ack = torch.zeros(1, dtype=torch.int64, device=route.channel.device)
+            self.acks[i] = (ack, route.channel.recv(ack, ack_tag(self.plan)))
 
 
 class KVSender:
     """The sending side for one TP rank. Thread-safe across transfers; one transfer's calls
-    (`begin`, `send_layers`..., `wait_done`) come from one thread at a time."""
+    (`begin`, `send_layers`..., `wait_done` or `abort`) come from one thread at a time."""
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self._out: dict[str, _Outgoing] = {}
         self._lock = threading.Lock()
-        self._guard = _OrderedGuard()
+        self._guard = OrderedGuard()
 
     def begin(self, plan: TransferPlan, channels: Mapping[int, Channel]) -> None:
         """Register a transfer; `channels` maps receiver TP ranks to channels."""
-        routes = _routes(plan, self.rank, channels, sending=True)
+        routes = plan_routes(plan, self.rank, channels, sending=True)
         with self._lock:
             if plan.request_id in self._out:
                 raise ValueError(f"transfer of {plan.request_id!r} already in progress")
             self._guard.claim(routes, plan.request_id)
-            self._out[plan.request_id] = _Outgoing(plan, routes)
+            out = self._out[plan.request_id] = _Outgoing(plan, routes)
+        try:
+            out.post_acks(ordered_too=False)
+        except BaseException:
+            self._pop(plan.request_id)
+            self._guard.release(routes)
+            raise
 
     def send_layers(self, plan: TransferPlan, kv: torch.Tensor, layers: Iterable[int]) -> None:
         """Gather and post `layers` of the plan (async); each layer exactly once."""
@@ -149,7 +128,7 @@ class KVSender:
         if out is None:
             raise ValueError(f"no transfer of {plan.request_id!r}: call begin() first")
         if out.block_ids is None:
-            _check_kv(kv, plan.src_layout, self.rank, plan.src_block_ids)
+            check_kv(kv, plan.src_layout, self.rank, plan.src_block_ids)
             out.block_ids = torch.tensor(plan.src_block_ids, dtype=torch.long, device=kv.device)
         for layer in layers:
             if layer not in plan.layers or layer in out.sent:
@@ -158,8 +137,7 @@ class KVSender:
             for route in out.routes:
                 t0 = time.perf_counter()
                 buf = route.wire.empty(kv.device)
-                route.wire.pack(kv[layer], out.block_ids, route.heads, buf, plan.fingerprint,
-                                layer)
+                route.wire.pack(kv[layer], out.block_ids, route.heads, buf, plan.fingerprint, layer)
                 out.pack_s += time.perf_counter() - t0
                 out.pending.append(route.channel.send(buf, layer_tag(plan, layer)))
                 out.nbytes += buf.numel()
@@ -171,10 +149,7 @@ class KVSender:
         ChannelClosed (the blocks may then be freed: the receiver will not ack), ValueError if
         layers of the plan were never sent, TransferError if the ack is not this transfer's.
         """
-        with self._lock:
-            out = self._out.pop(request_id, None)
-        if out is None:
-            raise ValueError(f"no transfer of {request_id!r} in progress")
+        out = self._pop(request_id)
         try:
             missing = set(out.plan.layers) - out.sent
             if missing and out.routes:
@@ -184,24 +159,44 @@ class KVSender:
             for pending in out.pending:
                 pending.wait(deadline - time.monotonic())
             t1 = time.perf_counter()
-            acks = []
-            for route in out.routes:
-                ack = torch.zeros(1, dtype=torch.int64, device=route.channel.device)
-                acks.append((ack, route.channel.recv(ack, ack_tag(out.plan))))
-            for ack, pending in acks:
-                pending.wait(deadline - time.monotonic())
-                if int(ack.item()) != out.plan.fingerprint:
-                    raise TransferError(f"{request_id!r}: ack does not name this transfer")
+            if not all(self._wait_acks(out, deadline)):
+                raise TransferCancelled(f"{request_id!r} was cancelled by another sender rank")
             t2 = time.perf_counter()
             return TransferStats(out.nbytes, t2 - t1, t1 - t0, out.pack_s)
+        except TransferCancelled:
+            raise  # the protocol ran to its end: the channels are in step
+        except BaseException:
+            close_routes(out.routes)
+            raise
         finally:
             self._guard.release(out.routes)
 
-    def abort(self, request_id: str) -> None:
-        """Forget a transfer (e.g. the request was cancelled); its receiver will time out."""
+    def abort(self, request_id: str, timeout_s: float) -> None:
+        """Cancel a transfer: the receiver's `receive` raises TransferCancelled.
+
+        Sends the layers not yet sent as cancel messages and consumes the receivers' acks (at
+        most `timeout_s`), so the channels stay in step for other transfers. On failure the
+        channels are closed. No-op for an unknown request id.
+        """
         with self._lock:
-            out = self._out.pop(request_id, None)
-        if out is not None:
+            if request_id not in self._out:
+                return
+        out = self._pop(request_id)
+        try:
+            deadline = time.monotonic() + timeout_s
+            unsent = [layer for layer in out.plan.layers if layer not in out.sent]
+            for layer in unsent:
+                for route in out.routes:
+                    buf = route.wire.empty(route.channel.device)
+                    LayerWire.write_cancel(buf, out.plan.fingerprint)
+                    out.pending.append(route.channel.send(buf, layer_tag(out.plan, layer)))
+            for pending in out.pending:
+                pending.wait(deadline - time.monotonic())
+            self._wait_acks(out, deadline)
+        except BaseException:
+            close_routes(out.routes)
+            raise
+        finally:
             self._guard.release(out.routes)
 
     @property
@@ -209,13 +204,33 @@ class KVSender:
         with self._lock:
             return list(self._out)
 
+    def _pop(self, request_id: str) -> _Outgoing:
+        with self._lock:
+            out = self._out.pop(request_id, None)
+        if out is None:
+            raise ValueError(f"no transfer of {request_id!r} in progress")
+        return out
+
+    @staticmethod
+    def _wait_acks(out: _Outgoing, deadline: float) -> list[bool]:
+        """Receive one ack per route: True for "complete", False for "cancelled"."""
+        out.post_acks(ordered_too=True)
+        results = []
+        for ack, pending in out.acks.values():
+            pending.wait(deadline - time.monotonic())
+            value = int(ack.item())
+            if value not in (out.plan.fingerprint, _nack(out.plan)):
+                raise TransferError(f"{out.plan.request_id!r}: the ack names another transfer")
+            results.append(value == out.plan.fingerprint)
+        return results
+
 
 class KVReceiver:
     """The receiving side for one TP rank; `receive` may run in several threads at once."""
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
-        self._guard = _OrderedGuard()
+        self._guard = OrderedGuard()
 
     def receive(
         self,
@@ -226,20 +241,27 @@ class KVReceiver:
     ) -> TransferStats:
         """Receive all layers of `plan` into `kv`, then ack; at most `timeout_s` in all.
 
-        `channels` maps sender TP ranks to channels. Raises TransferTimeout, ChannelClosed or
-        TransferError (mixed-up messages); the caller then frees the plan's dst blocks.
+        `channels` maps sender TP ranks to channels. Raises TransferTimeout or ChannelClosed
+        (the channels are then closed), TransferCancelled (the sender gave up; the channels
+        stay usable) or TransferError (mixed-up messages; channels closed). On any error the
+        caller frees the plan's dst blocks.
         """
         deadline = time.monotonic() + timeout_s
-        _check_kv(kv, plan.dst_layout, self.rank, plan.dst_block_ids)
-        routes = _routes(plan, self.rank, channels, sending=False)
+        check_kv(kv, plan.dst_layout, self.rank, plan.dst_block_ids)
+        routes = plan_routes(plan, self.rank, channels, sending=False)
         self._guard.claim(routes, plan.request_id)
         try:
             return self._receive(plan, kv, routes, deadline)
+        except TransferCancelled:
+            raise
+        except BaseException:
+            close_routes(routes)
+            raise
         finally:
             self._guard.release(routes)
 
     def _receive(
-        self, plan: TransferPlan, kv: torch.Tensor, routes: list[_Route], deadline: float
+        self, plan: TransferPlan, kv: torch.Tensor, routes: list[Route], deadline: float
     ) -> TransferStats:
         block_ids = torch.tensor(plan.dst_block_ids, dtype=torch.long, device=kv.device)
         posted = []  # (layer, route, buffer, pending), in the order the sender sends
@@ -250,33 +272,34 @@ class KVReceiver:
         t_post = time.perf_counter()
         wait_s = blocked_s = scatter_s = 0.0
         nbytes = 0
+        cancelled = False
         for i, (layer, route, buf, pending) in enumerate(posted):
             t0 = time.perf_counter()
-            _wait_before(pending, deadline, plan)
+            pending.wait(deadline - time.monotonic())
             t1 = time.perf_counter()
             if i == 0:
                 wait_s = t1 - t_post
             else:
                 blocked_s += t1 - t0
-            route.wire.unpack(buf, kv[layer], block_ids, route.heads, plan.fingerprint, layer)
+            # After a cancel message keep draining (the sender sends every layer either way),
+            # so that no posted recv is left behind, but write nothing more into the cache.
+            if cancelled or not LayerWire.check_header(buf, plan.fingerprint, layer):
+                cancelled = True
+                continue
+            route.wire.unpack(buf, kv[layer], block_ids, route.heads)
             scatter_s += time.perf_counter() - t1
             nbytes += buf.numel()
+        # Every route gets an ack, also when cancelled: each sender rank waits for one, and an
+        # ack left unsent would leave that channel out of step.
         t0 = time.perf_counter()
+        value = _nack(plan) if cancelled else plan.fingerprint
         acks = []
         for route in routes:
-            ack = torch.full((1,), plan.fingerprint, dtype=torch.int64, device=kv.device)
+            ack = torch.full((1,), value, dtype=torch.int64, device=kv.device)
             acks.append(route.channel.send(ack, ack_tag(plan)))
         for pending in acks:
-            _wait_before(pending, deadline, plan)
+            pending.wait(deadline - time.monotonic())
         blocked_s += time.perf_counter() - t0
+        if cancelled:
+            raise TransferCancelled(f"the sender cancelled the transfer of {plan.request_id!r}")
         return TransferStats(nbytes, wait_s, blocked_s, scatter_s)
-
-
-def _wait_before(pending: Pending, deadline: float, plan: TransferPlan) -> None:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        # Our own deadline, with no wait to expire: break the channel ourselves so the peer
-        # learns at once and no posted recv can later land in a buffer we no longer watch.
-        pending_channel_close(pending)
-        raise TransferTimeout(f"transfer of {plan.request_id!r} missed its deadline")
-    pending.wait(left)

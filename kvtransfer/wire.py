@@ -7,7 +7,8 @@ a single contiguous uint8 buffer, so one send/recv moves a whole layer whatever 
     raw   : | header 16 B | K,V  [2, n_blocks, block_size, heads, head_dim] in the KV dtype |
     int8  : | header 16 B | qK [n,bs,h,d] | qV [n,bs,h,d] | pad to 16 | sK fp32 [h,d] |
             | sV fp32 [n,bs,h] |
-    header: int64 fingerprint of the transfer, int64 layer index
+    header: int64 fingerprint of the transfer, int64 layer index (CANCELLED = -1: the sender
+            gave the transfer up; the payload is garbage and the receiver drains the rest)
 
 The receiver checks the header before it scatters anything, so a message that matched the
 wrong recv (a tag collision, or NCCL's order-only matching used wrongly) fails the transfer
@@ -22,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from pdserve.kvtransfer.channel import TransferError
 from pdserve.kvtransfer.compress import compressed_nbytes, dequantize_kv, quantize_kv
 from pdserve.kvtransfer.plan import TransferPlan
@@ -30,6 +30,7 @@ from pdserve.kvtransfer.plan import TransferPlan
 HEADER_BYTES = 16
 _MSG_BITS = 11
 ACK_MSG = (1 << _MSG_BITS) - 1
+CANCELLED = -1  # the header's layer field of a cancel message
 
 
 def layer_tag(plan: TransferPlan, layer: int) -> int:
@@ -58,8 +59,9 @@ class LayerWire:
     @classmethod
     def for_plan(cls, plan: TransferPlan, num_heads: int) -> LayerWire:
         lay = plan.src_layout
-        return cls(plan.num_blocks, lay.block_size, num_heads, lay.head_dim, lay.dtype,
-                   plan.compress)
+        return cls(
+            plan.num_blocks, lay.block_size, num_heads, lay.head_dim, lay.dtype, plan.compress
+        )
 
     @property
     def _one_shape(self) -> tuple[int, int, int, int]:
@@ -102,28 +104,34 @@ class LayerWire:
             return
         qk, qv, sk, sv, end = self._int8_offsets
         kv = src.index_select(1, block_ids)  # [2, n, bs, h, d]
-        for part, per, q_at, s_at, s_end in ((0, "channel", qk, sk, sv),
-                                             (1, "token", qv, sv, end)):
+        for part, per, q_at, s_at, s_end in ((0, "channel", qk, sk, sv), (1, "token", qv, sv, end)):
             q, scale = quantize_kv(kv[part], per)
-            out[q_at:q_at + q.numel()].view(torch.int8).view(q.shape).copy_(q)
+            out[q_at : q_at + q.numel()].view(torch.int8).view(q.shape).copy_(q)
             out[s_at:s_end].view(torch.float32).view(scale.shape).copy_(scale)
 
-    def unpack(
-        self,
-        buf: torch.Tensor,
-        kv_layer: torch.Tensor,
-        block_ids: torch.Tensor,
-        heads: slice,
-        fingerprint: int,
-        layer: int,
-    ) -> None:
-        """Check the header, then scatter `buf` into kv_layer[:, block_ids][..., heads, :]."""
+    @staticmethod
+    def write_cancel(out: torch.Tensor, fingerprint: int) -> None:
+        """Make `out` a cancel message: right size and tag, header layer CANCELLED."""
+        out[:HEADER_BYTES].view(torch.int64).copy_(torch.tensor([fingerprint, CANCELLED]))
+
+    @staticmethod
+    def check_header(buf: torch.Tensor, fingerprint: int, layer: int) -> bool:
+        """True for the expected layer message, False for a cancel message of this transfer;
+        raises TransferError for anything else (messages were mixed up)."""
         got = buf[:HEADER_BYTES].view(torch.int64).tolist()
-        if got != [fingerprint, layer]:
-            raise TransferError(
-                f"message for layer {layer} carried (transfer {got[0]:#x}, layer {got[1]}), "
-                f"expected ({fingerprint:#x}, {layer}): messages were mixed up"
-            )
+        if got == [fingerprint, layer]:
+            return True
+        if got == [fingerprint, CANCELLED]:
+            return False
+        raise TransferError(
+            f"message for layer {layer} carried (transfer {got[0]:#x}, layer {got[1]}), "
+            f"expected ({fingerprint:#x}, {layer}): messages were mixed up"
+        )
+
+    def unpack(
+        self, buf: torch.Tensor, kv_layer: torch.Tensor, block_ids: torch.Tensor, heads: slice
+    ) -> None:
+        """Scatter `buf` (header already checked) into kv_layer[:, block_ids][..., heads, :]."""
         dst = kv_layer[:, :, :, heads, :]
         if self.compress is None:
             payload = buf[HEADER_BYTES:].view(self.dtype).view(2, *self._one_shape)
@@ -132,8 +140,10 @@ class LayerWire:
         qk, qv, sk, sv, end = self._int8_offsets
         nq = qv - qk
         b, bs, h, d = self._one_shape
-        for part, q_at, s_at, s_end, s_shape in ((0, qk, sk, sv, (1, 1, h, d)),
-                                                 (1, qv, sv, end, (b, bs, h, 1))):
-            q = buf[q_at:q_at + nq].view(torch.int8).view(self._one_shape)
+        for part, q_at, s_at, s_end, s_shape in (
+            (0, qk, sk, sv, (1, 1, h, d)),
+            (1, qv, sv, end, (b, bs, h, 1)),
+        ):
+            q = buf[q_at : q_at + nq].view(torch.int8).view(self._one_shape)
             scale = buf[s_at:s_end].view(torch.float32).view(s_shape)
             dst[part].index_copy_(0, block_ids, dequantize_kv(q, scale, self.dtype))

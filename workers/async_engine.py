@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from .engine import Engine
-from .request import RequestOutput, SamplingParams
+from .request import Request, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,14 @@ class AsyncEngine:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
+        async for o in self.stream(lambda e: e.add_request(prompt_ids, params, request_id)):
+            yield o
+
+    async def stream(self, add: Callable[[Engine], Request]) -> AsyncIterator[RequestOutput]:
+        """Add a request with ``add(engine)`` (under the lock) and stream its outputs."""
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            req = self.engine.add_request(prompt_ids, params, request_id)
+            req = add(self.engine)
             self._streams[req.request_id] = (asyncio.get_running_loop(), q)
         self._wake.set()
         done = False

@@ -19,7 +19,7 @@ from .model import LlamaModel
 from .request import Request, RequestOutput, SamplingParams, Status
 from .runner import ModelRunner
 from .sampler import Sampler
-from .scheduler import QueueFull, Scheduler
+from .scheduler import QueueFull, ScheduledBatch, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +27,18 @@ __all__ = ["Engine", "QueueFull"]
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model: LlamaModel | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: LlamaModel | None = None,
+        runner: ModelRunner | None = None,  # a ready runner (tensor parallelism brings its own)
+    ) -> None:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         mcfg = config.model
-        self.model = model or LlamaModel(mcfg)
-        self.runner = ModelRunner(self.model, config.cache)
+        self.model = model or (runner.model if runner is not None else LlamaModel(mcfg))
+        self.runner = runner or ModelRunner(self.model, config.cache)
         self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
         max_len = config.scheduler.max_model_len or mcfg.max_position_embeddings
         self.max_model_len = min(max_len, mcfg.max_position_embeddings)
@@ -41,7 +46,9 @@ class Engine:
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.on_layer: Callable[[int], None] | None = None  # set by the KV-transfer layer
+        # on_layer(i, batch): runs once layer i's KV of ``batch`` is in the cache (the
+        # KV-transfer layer pushes layer i from here while layer i+1 computes)
+        self.on_layer: Callable[[int, ScheduledBatch], None] | None = None
         log.info(
             "engine ready: %s, role=%s, %d KV blocks of %d tokens",
             mcfg.architecture, config.scheduler.role, self.blocks.num_blocks,
@@ -63,6 +70,29 @@ class Engine:
         req = Request(rid, list(prompt_ids), params, self.config.model.eos_token_ids)
         self.scheduler.add(req)
         self.requests[rid] = req
+        return req
+
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        first_token: int,
+        first_logprobs: dict[int, float] | None,
+        block_ids: list[int],
+    ) -> Request:
+        """Decode role: a request whose prompt KV already sits in ``block_ids`` (received
+        from a prefill instance) and whose first token was sampled there."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, list(prompt_ids), params, self.config.model.eos_token_ids)
+        req.output_ids.append(first_token)
+        if first_logprobs is not None:
+            req.output_logprobs.append(first_logprobs)
+        req.num_computed = len(prompt_ids)
+        req.block_ids = list(block_ids)
+        self.scheduler.add_prefilled(req)
+        self.requests[request_id] = req
         return req
 
     def abort(self, request_id: str) -> bool:
@@ -96,7 +126,8 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        logits = self.runner.execute(batch, self.on_layer)
+        hook = self.on_layer
+        logits = self.runner.execute(batch, (lambda i: hook(i, batch)) if hook else None)
         samples = batch.samples()
         reqs = [r for r, s in zip(batch.requests, samples) if s]
         toks, lps = self.sampler(logits, reqs) if reqs else ([], [])
@@ -108,8 +139,9 @@ class Engine:
             logprobs.append(lp)
         outs = self.scheduler.commit(batch, tokens, logprobs)
         for o in outs:
-            if o.finished and o.finish_reason != "prefilled":
-                self.requests.pop(o.request_id, None)
+            req = self.requests.get(o.request_id)
+            if req is not None and req.status is Status.FINISHED:
+                self.requests.pop(o.request_id)  # held (prefilled) requests stay until release
         return outs
 
     def stats(self) -> dict:

@@ -23,12 +23,14 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
+from .tp_layout import head_ranges, split
 
 
 @dataclass(frozen=True)
 class Shard:
     """Rank ``rank`` of ``size``; heads split contiguously (KV heads replicated when the TP
-    degree exceeds their count: rank r then holds KV head ``r * num_kv_heads // size``)."""
+    degree exceeds their count: rank r then holds KV head ``r * num_kv_heads // size``).
+    Loading uses ``attention_heads``, which also allows uneven splits of whole GQA groups."""
 
     rank: int = 0
     size: int = 1
@@ -42,11 +44,16 @@ class Shard:
             return h, h + 1
         raise ValueError(f"{n} heads cannot be split over tp={self.size}")
 
+    def attention_heads(
+        self, num_heads: int, num_kv_heads: int
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(query-head range, KV-head range) of this rank: whole GQA groups, uneven when tp
+        does not divide the KV heads (see ``tp_layout``)."""
+        return head_ranges(num_heads, num_kv_heads, self.rank, self.size)
+
     def range(self, n: int) -> tuple[int, int]:
-        if n % self.size:
-            raise ValueError(f"dimension {n} is not divisible by tp={self.size}")
-        per = n // self.size
-        return self.rank * per, (self.rank + 1) * per
+        """This rank's columns of a dimension split ``n`` ways (floor split; may be uneven)."""
+        return split(n, self.rank, self.size)
 
 
 class _Files:
@@ -81,8 +88,7 @@ def load_weights(cfg: ModelConfig, shard: Shard = Shard()) -> dict:
     f = _Files(Path(cfg.path))
     dt = cfg.torch_dtype
     d = cfg.head_dim
-    h0, h1 = shard.heads(cfg.num_heads)
-    k0, k1 = shard.heads(cfg.num_kv_heads)
+    (h0, h1), (k0, k1) = shard.attention_heads(cfg.num_heads, cfg.num_kv_heads)
     i0, i1 = shard.range(cfg.intermediate_size)
 
     def cvt(t: torch.Tensor) -> torch.Tensor:

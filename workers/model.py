@@ -49,8 +49,7 @@ class LlamaModel:
         self.cfg = cfg
         self.shard = shard
         self.all_reduce = all_reduce
-        h0, h1 = shard.heads(cfg.num_heads)
-        k0, k1 = shard.heads(cfg.num_kv_heads)
+        (h0, h1), (k0, k1) = shard.attention_heads(cfg.num_heads, cfg.num_kv_heads)
         self.num_heads = h1 - h0
         self.num_kv_heads = k1 - k0
         self.head_dim = cfg.head_dim

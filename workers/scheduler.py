@@ -176,9 +176,11 @@ class Scheduler:
             if lp is not None:
                 req.output_logprobs.append(lp)
             reason = self._finish_reason(req, tok)
-            if self.config.role == "prefill" and reason is None:
-                reason = "prefilled"
-            if reason is not None:
+            if self.config.role == "prefill":
+                # The prompt's KV is (being) sent whatever the first token was: hold the
+                # blocks until the transfer layer releases them (LESSONS #3).
+                self.finish(req, reason or "prefilled", hold=True)
+            elif reason is not None:
                 self.finish(req, reason)
             outs.append(
                 RequestOutput(
@@ -198,14 +200,15 @@ class Scheduler:
             return "length"
         return None
 
-    def finish(self, req: Request, reason: str) -> None:
-        """End ``req`` here. A prefilled request keeps its blocks until ``release``."""
+    def finish(self, req: Request, reason: str, hold: bool = False) -> None:
+        """End ``req`` here. With ``hold`` (prefill role) it keeps its blocks until
+        ``release``."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         req.finish_reason = reason
-        if reason == "prefilled":
+        if hold:
             req.status = Status.PREFILLED
             self.prefilled[req.request_id] = req
         else:

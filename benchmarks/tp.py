@@ -1,0 +1,160 @@
+"""Tensor parallelism: TP=1 vs TP=2 step latency on SmolLM2-135M, one torch thread per rank.
+
+    python benchmarks/tp.py [--model PATH] [--quick]
+
+Measured through the engine API (``Engine.step``: schedule, per-rank forward, all-reduces,
+logit gather, sampling), side by side in one run:
+
+- decode step latency at batch 1 and 16 (every request past its prompt of ``--context`` tokens)
+- prefill latency of one 512-token prompt, and of 16 prompts of ``--b16-prompt`` tokens in one
+  packed step (fresh random prompts each repetition)
+- for TP=2, the design alternatives: step messages over Ray actor calls instead of the gloo
+  broadcast, and a replicated LM head instead of the vocab-parallel one
+
+Ratios are ``tp1_latency / tp2_latency`` (> 1: TP=2 is faster). Last stdout line: one JSON
+object with ``tp2_vs_tp1_decode_b16`` and ``tp2_vs_tp1_prefill_512`` and the raw figures;
+also written to benchmarks/results/tp.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import machine, progress, write_result
+from pdserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.workers.engine import Engine
+from pdserve.workers.parallel import ParallelConfig
+from pdserve.workers.request import SamplingParams
+from pdserve.workers.tp_engine import make_engine
+
+DEFAULT_MODEL = Path.home() / ".cache/pdserve/models/SmolLM2-135M-Instruct"
+
+
+def prompts(n: int, length: int, vocab: int, rng: random.Random) -> list[list[int]]:
+    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def decode_latency(e: Engine, batch: int, context: int, steps: int, rng) -> float:
+    """Median seconds per decode step with ``batch`` requests at ``context`` tokens."""
+    sp = SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True)
+    reqs = [e.add_request(p, sp) for p in prompts(batch, context, e.config.model.vocab_size, rng)]
+    while any(not r.output_ids for r in reqs):  # prefill all of them first
+        e.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        e.step()
+        times.append(time.perf_counter() - t0)
+    for r in reqs:
+        e.abort(r.request_id)
+    return statistics.median(times)
+
+
+def prefill_latency(e: Engine, batch: int, length: int, reps: int, rng) -> float:
+    """Median seconds of the one step that prefills ``batch`` fresh prompts of ``length``."""
+    sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    times = []
+    for _ in range(reps):
+        reqs = [
+            e.add_request(p, sp) for p in prompts(batch, length, e.config.model.vocab_size, rng)
+        ]
+        t0 = time.perf_counter()
+        e.step()
+        times.append(time.perf_counter() - t0)
+        assert all(r.output_ids for r in reqs), "the prefill did not fit one step"
+        while e.has_work:
+            e.step()
+    return statistics.median(times)
+
+
+def measure(path: Path, parallel: ParallelConfig, args) -> dict:
+    cfg = EngineConfig(
+        ModelConfig.from_path(path),
+        CacheConfig(num_blocks=args.blocks),
+        SchedulerConfig(
+            max_num_batched_tokens=max(args.prompt, 16 * args.b16_prompt, 2048), max_num_seqs=64
+        ),
+        num_threads=1,
+    )
+    t0 = time.perf_counter()
+    e = make_engine(cfg, parallel)
+    label = f"tp={parallel.tp} {parallel.transport} vocab_parallel={parallel.vocab_parallel}"
+    progress(f"{label}: ready in {time.perf_counter() - t0:.1f}s")
+    rng = random.Random(0)
+    try:
+        prefill_latency(e, 1, 32, 1, rng)  # warm up
+        out = {}
+        for b in (1, 16):
+            out[f"decode_b{b}_ms"] = 1e3 * decode_latency(e, b, args.context, args.steps, rng)
+            progress(f"{label}: decode b{b} {out[f'decode_b{b}_ms']:.1f} ms/step")
+        out["prefill_512_ms"] = 1e3 * prefill_latency(e, 1, args.prompt, args.reps, rng)
+        progress(f"{label}: prefill 1x{args.prompt} {out['prefill_512_ms']:.0f} ms")
+        if not args.quick:
+            out["prefill_b16_ms"] = 1e3 * prefill_latency(e, 16, args.b16_prompt, args.reps, rng)
+            progress(f"{label}: prefill 16x{args.b16_prompt} {out['prefill_b16_ms']:.0f} ms")
+        return out
+    finally:
+        if hasattr(e, "close"):
+            e.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--context", type=int, default=128, help="prompt tokens before decoding")
+    ap.add_argument("--prompt", type=int, default=512, help="prefill length at batch 1")
+    ap.add_argument("--b16-prompt", type=int, default=64, help="prefill length per prompt at b16")
+    ap.add_argument("--steps", type=int, default=20, help="decode steps timed")
+    ap.add_argument("--reps", type=int, default=3, help="prefill repetitions")
+    ap.add_argument("--blocks", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="skip the b16 prefill and alternatives")
+    args = ap.parse_args()
+    if not (args.model / "config.json").exists():
+        raise SystemExit(
+            f"{args.model} is not a model folder: pass --model PATH (make setup "
+            "fetches SmolLM2 to the default path)"
+        )
+    torch.set_num_threads(1)
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    load = os.getloadavg()[0]
+    progress(f"model {args.model.name}, load average {load:.2f} on {os.cpu_count()} cpus")
+    runs = {"tp1": ParallelConfig(tp=1), "tp2": ParallelConfig(tp=2)}
+    if not args.quick:
+        runs["tp2_ray_transport"] = ParallelConfig(tp=2, transport="ray")
+        runs["tp2_replicated_lm_head"] = ParallelConfig(tp=2, vocab_parallel=False)
+    res = {name: measure(args.model, p, args) for name, p in runs.items()}
+    ray.shutdown()
+    t1, t2 = res["tp1"], res["tp2"]
+    summary = {
+        "tp2_vs_tp1_decode_b16": round(t1["decode_b16_ms"] / t2["decode_b16_ms"], 3),
+        "tp2_vs_tp1_prefill_512": round(t1["prefill_512_ms"] / t2["prefill_512_ms"], 3),
+        "tp2_vs_tp1_decode_b1": round(t1["decode_b1_ms"] / t2["decode_b1_ms"], 3),
+    }
+    if "prefill_b16_ms" in t2:
+        summary["tp2_vs_tp1_prefill_b16"] = round(t1["prefill_b16_ms"] / t2["prefill_b16_ms"], 3)
+    result = {
+        **summary,
+        "ms": {k: {m: round(v, 2) for m, v in r.items()} for k, r in res.items()},
+        "model": args.model.name,
+        "context": args.context,
+        "prompt": args.prompt,
+        "b16_prompt": args.b16_prompt,
+        "threads_per_rank": 1,
+        "load_average_at_start": round(load, 2),
+        "machine": machine(),
+    }
+    write_result("tp", result)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

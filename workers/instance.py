@@ -1,0 +1,353 @@
+"""One pool instance as a service: an engine plus its KV-transfer endpoints. Imports no Ray.
+
+The Serve deployment (``deployment.py``) is a thin adapter over this class; tests can drive
+two instances directly. Roles:
+
+prefill   ``prefill(job, desc)``: open (or reuse) the channel to the decode instance named in
+          ``desc``, tell it to ``expect`` the transfer, run the prompt, push each layer's
+          blocks from the engine's ``on_layer`` hook while the next layer computes, wait for
+          the receiver's ack, release the blocks, return the first token.
+decode    ``reserve(job)`` → blocks for the prompt's KV; ``expect`` starts the receive;
+          ``generate(request_id, first_token)`` waits for the KV, then streams tokens.
+colocated ``generate_full(job)`` streams a whole request.
+
+Block lifetimes (LESSONS #1, #3, #4): the sender frees only after the receiver's ack (or
+after a failed/cancelled transfer has run its protocol to the end); the receiver schedules a
+request only after every layer arrived; a reservation nobody claims within its deadline is
+freed; an abort reaches the blocks wherever they are, but never frees blocks a receive may
+still be writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from pdserve.kvtransfer import (
+    Channel,
+    ChannelClosed,
+    ChannelListener,
+    ChannelPool,
+    KVLayout,
+    KVReceiver,
+    KVSender,
+    PeerId,
+    TransferError,
+    TransferPlan,
+    connect,
+)
+
+from .async_engine import AsyncEngine
+from .config import EngineConfig
+from .engine import Engine
+from .messages import (
+    ChannelOffer,
+    InstanceInfo,
+    InstanceStats,
+    Job,
+    PrefillResult,
+    ReceiveDescriptor,
+    TokenChunk,
+)
+from .scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
+
+
+class NoCapacity(RuntimeError):
+    """This instance cannot take the request now (no free KV blocks): try another."""
+
+
+class TransferFailed(RuntimeError):
+    """The KV of a request did not arrive; blocks were freed on this side."""
+
+
+@dataclass(eq=False)
+class _Incoming:
+    """A decode-side reservation: blocks waiting for a request's KV."""
+
+    job: Job
+    block_ids: list[int]
+    transfer_id: int
+    created: float
+    arrived: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    receiving: bool = False  # a receive thread may be writing the blocks
+    claimed: bool = False  # generate() took the blocks over
+    aborted: bool = False
+
+
+@dataclass(eq=False)
+class _Outgoing:
+    """A prefill-side transfer: where the request's KV goes."""
+
+    desc: ReceiveDescriptor
+    channel: Channel
+    plan: TransferPlan | None = None
+
+
+def _chunk(o) -> TokenChunk:
+    return TokenChunk(o.request_id, o.new_token_ids, o.new_logprobs, o.finished, o.finish_reason,
+                      o.num_prompt_tokens, o.num_output_tokens)
+
+
+class Instance:
+    def __init__(
+        self,
+        config: EngineConfig,
+        instance_id: str,
+        host: str = "127.0.0.1",
+        transfer_timeout_s: float = 30.0,
+        compress: str | None = None,
+        expect_peer: Callable[..., ChannelOffer | None] | None = None,
+        engine: Engine | None = None,
+    ) -> None:
+        self.engine = engine or Engine(config)
+        self.role = config.scheduler.role
+        m = config.model
+        self.layout = KVLayout(
+            num_layers=m.num_layers, block_size=config.cache.block_size,
+            num_kv_heads_total=m.num_kv_heads, head_dim=m.head_dim, tp_size=1,
+            dtype_str=m.dtype,
+        )
+        self.info = InstanceInfo(instance_id, self.role, time.time_ns(), host, self.layout)
+        self.timeout = transfer_timeout_s
+        self.compress = compress
+        # expect_peer(desc, src PeerId, src layout, has_channel) -> offer: calls ``expect`` on the
+        # decode instance named in desc (the deployment supplies it: a targeted Serve call)
+        self.expect_peer = expect_peer
+        self.aengine = AsyncEngine(self.engine)
+        self.sender = KVSender(rank=0)
+        self.receiver = KVReceiver(rank=0)
+        self.pool = ChannelPool(self._make_channel)
+        self._rendezvous: dict[PeerId, Callable[[], Channel]] = {}
+        self._rv_lock = threading.Lock()
+        self._outgoing: dict[str, _Outgoing] = {}
+        self._incoming: dict[str, _Incoming] = {}
+        self._transfer_ids = itertools.count(1)
+        self.transfer_log: list[dict] = []  # recent transfer stats (bytes, wait/transfer/scatter)
+        self.engine.on_layer = self._on_layer
+
+    # ---- channels --------------------------------------------------------------------------
+    def _make_channel(self, peer: PeerId) -> Channel:
+        with self._rv_lock:
+            make = self._rendezvous.pop(peer, None)
+        if make is None:
+            raise ChannelClosed(f"no rendezvous pending for {peer}")
+        return make()
+
+    def _me(self) -> PeerId:
+        return PeerId(self.info.instance_id, self.info.epoch, 0)
+
+    def _has_channel(self, peer: PeerId) -> bool:
+        return peer in self.pool.peers()
+
+    # ---- prefill role ------------------------------------------------------------------------
+    async def prefill(self, job: Job, desc: ReceiveDescriptor) -> PrefillResult:
+        t0 = time.monotonic()
+        peer = PeerId(desc.decode.instance_id, desc.decode.epoch, 0)
+        has = self._has_channel(peer)
+        offer = await asyncio.to_thread(self.expect_peer, desc, self._me(), self.layout, has)
+        if offer is not None:
+            self.pool.invalidate(peer)
+            with self._rv_lock:
+                self._rendezvous[peer] = lambda: connect(offer.address, desc.decode.instance_id,
+                                                         offer.timeout_s)
+        channel = await asyncio.to_thread(self.pool.acquire, peer)
+        t_channel = time.monotonic()
+        self._outgoing[job.request_id] = _Outgoing(desc, channel)
+        first = None
+        try:
+            async for o in self.aengine.generate(job.prompt_ids, job.params, job.request_id):
+                first = o
+            t_compute = time.monotonic()
+            out = self._outgoing.get(job.request_id)
+            if out is None or out.plan is None:
+                raise TransferFailed(f"{job.request_id}: prefill ended before its KV was sent")
+            stats = await asyncio.to_thread(self.sender.wait_done, job.request_id, self.timeout)
+        except BaseException:
+            # Stop the request first (waits for a running step, so the layer hook is idle),
+            # then finish the transfer protocol so the receiver frees its blocks.
+            await asyncio.to_thread(self.aengine.abort, job.request_id)
+            await asyncio.to_thread(self._cancel_outgoing, job.request_id)
+            raise
+        finally:
+            self._outgoing.pop(job.request_id, None)
+            self.aengine.call(lambda e: e.release(job.request_id))
+            self.pool.release(peer, channel)
+        t_done = time.monotonic()
+        self._log_transfer(job.request_id, stats, "send")
+        reason = None if first.finish_reason == "prefilled" else first.finish_reason
+        return PrefillResult(
+            job.request_id, first.new_token_ids[0], first.new_logprobs[0] if first.new_logprobs else None,
+            reason, self.info, stats.bytes,
+            {"channel_s": t_channel - t0, "prefill_s": t_compute - t_channel,
+             "transfer_wait_s": t_done - t_compute},
+        )
+
+    def _on_layer(self, layer: int, batch: ScheduledBatch) -> None:
+        """Engine thread, during the forward: push layer ``layer`` of every request whose
+        prompt completes in this step and has a destination."""
+        for req, n, s in zip(batch.requests, batch.num_new, batch.samples()):
+            out = self._outgoing.get(req.request_id)
+            if out is None or not s:
+                continue
+            if out.plan is None:
+                d = out.desc
+                nblk = len(d.block_ids)
+                out.plan = TransferPlan(
+                    req.request_id, req.block_ids[:nblk], d.block_ids, 0, self.layout.num_layers,
+                    self.layout, d.decode.layout, self.compress, d.transfer_id,
+                )
+                self.sender.begin(out.plan, {0: out.channel})
+            self.sender.send_layers(out.plan, self.engine.runner.kv, [layer])
+
+    def _cancel_outgoing(self, request_id: str) -> None:
+        out = self._outgoing.get(request_id)
+        if out is None:
+            return
+        if out.plan is None:
+            # Nothing sent yet: the receiver is waiting all the same. Register the transfer
+            # (source blocks are never read when cancelling) and cancel it, which sends
+            # cancel messages so the receiver frees its blocks and the channel stays usable.
+            d = out.desc
+            out.plan = TransferPlan(request_id, d.block_ids, d.block_ids, 0,
+                                    self.layout.num_layers, self.layout, d.decode.layout,
+                                    self.compress, d.transfer_id)
+            self.sender.begin(out.plan, {0: out.channel})
+        if request_id in self.sender.in_flight():
+            try:
+                self.sender.abort(request_id, self.timeout)
+            except TransferError as e:
+                log.warning("cancelling the transfer of %s failed: %s", request_id, e)
+
+    # ---- decode role ---------------------------------------------------------------------------
+    def reserve(self, job: Job) -> ReceiveDescriptor:
+        bs = self.layout.block_size
+        n = -(-len(job.prompt_ids) // bs)
+
+        def take(e: Engine) -> list[int]:
+            # keep room for the running batch to grow by one block each
+            if not e.blocks.can_allocate(n + len(e.scheduler.running)):
+                raise NoCapacity(f"{self.info.instance_id}: {e.blocks.num_free} free KV blocks, "
+                                 f"request needs {n}")
+            if len(job.prompt_ids) + 1 > e.max_model_len:
+                raise ValueError(f"prompt has {len(job.prompt_ids)} tokens; the limit is "
+                                 f"{e.max_model_len - 1}")
+            return e.blocks.allocate_ids(n)
+
+        ids = self.aengine.call(take)
+        inc = _Incoming(job, ids, next(self._transfer_ids), time.monotonic())
+        self._incoming[job.request_id] = inc
+        threading.Timer(self.timeout, self._expire, (job.request_id, inc)).start()
+        return ReceiveDescriptor(job.request_id, self.info, ids, inc.transfer_id, self.timeout)
+
+    def expect(self, request_id: str, src: PeerId, src_layout: KVLayout, sender_has_channel: bool
+               ) -> ChannelOffer | None:
+        """A prefill instance is about to push ``request_id``'s KV. Starts the receive; returns
+        a rendezvous offer when the pair has no usable channel yet."""
+        inc = self._incoming.get(request_id)
+        if inc is None or inc.aborted:
+            raise TransferFailed(f"no reservation for {request_id} (expired or aborted)")
+        offer = None
+        if not (sender_has_channel and self._has_channel(src)):
+            self.pool.invalidate(src)
+            listener = ChannelListener(self.info.host, f"{src.instance_id}->{self.info.instance_id}",
+                                       self.info.epoch)
+            with self._rv_lock:
+                self._rendezvous[src] = lambda: listener.accept(src.instance_id, self.timeout)
+            offer = ChannelOffer(listener.address, self.timeout)
+        plan = TransferPlan(request_id, inc.block_ids, inc.block_ids, 0, self.layout.num_layers,
+                            src_layout, self.layout, self.compress, inc.transfer_id)
+        inc.receiving = True
+        threading.Thread(target=self._receive, args=(inc, src, plan), daemon=True).start()
+        return offer
+
+    def _receive(self, inc: _Incoming, src: PeerId, plan: TransferPlan) -> None:
+        try:
+            ch = self.pool.acquire(src)
+            try:
+                stats = self.receiver.receive(plan, self.engine.runner.kv, {0: ch}, self.timeout)
+            finally:
+                self.pool.release(src, ch)
+            self._log_transfer(plan.request_id, stats, "recv")
+        except BaseException as e:  # noqa: BLE001 - reported to generate()
+            inc.error = e
+        finally:
+            inc.receiving = False
+            inc.arrived.set()
+            if inc.aborted or inc.error is not None:
+                self._free_incoming(plan.request_id, inc)
+
+    def _expire(self, request_id: str, inc: _Incoming) -> None:
+        if not inc.claimed and not inc.receiving and self._incoming.get(request_id) is inc:
+            if not inc.arrived.is_set() or inc.error is None:
+                log.warning("reservation for %s expired unclaimed; freeing its blocks", request_id)
+            inc.aborted = True
+            self._free_incoming(request_id, inc)
+
+    def _free_incoming(self, request_id: str, inc: _Incoming) -> None:
+        if self._incoming.get(request_id) is inc and not inc.claimed:
+            del self._incoming[request_id]
+            self.aengine.call(lambda e: e.blocks.free_ids(inc.block_ids))
+
+    async def generate(self, request_id: str, first_token: int,
+                       first_logprobs: dict[int, float] | None = None) -> AsyncIterator[TokenChunk]:
+        inc = self._incoming.get(request_id)
+        if inc is None or inc.aborted:
+            raise TransferFailed(f"no reservation for {request_id} (expired or aborted)")
+        inc.claimed = True  # from here on the engine request owns the blocks
+        ok = await asyncio.to_thread(inc.arrived.wait, self.timeout)
+        if not ok or inc.error is not None:
+            inc.claimed = False
+            inc.aborted = True
+            if not inc.receiving:
+                self._free_incoming(request_id, inc)
+            raise TransferFailed(f"KV of {request_id} did not arrive: {inc.error or 'timeout'}")
+        self._incoming.pop(request_id, None)
+        job = inc.job
+        add = lambda e: e.add_prefilled(request_id, job.prompt_ids, job.params, first_token,  # noqa: E731
+                                        first_logprobs, inc.block_ids)
+        async for o in self.aengine.stream(add):
+            yield _chunk(o)
+
+    # ---- colocated role ------------------------------------------------------------------------
+    async def generate_full(self, job: Job) -> AsyncIterator[TokenChunk]:
+        async for o in self.aengine.generate(job.prompt_ids, job.params, job.request_id):
+            yield _chunk(o)
+
+    # ---- any role ------------------------------------------------------------------------------
+    def abort(self, request_id: str) -> None:
+        inc = self._incoming.get(request_id)
+        if inc is not None and not inc.claimed:
+            inc.aborted = True
+            if not inc.receiving:
+                self._free_incoming(request_id, inc)
+        self.aengine.abort(request_id)
+
+    def stats(self) -> InstanceStats:
+        def read(e: Engine) -> InstanceStats:
+            s = e.scheduler
+            queued = sum(r.num_pending for r in list(s.waiting) + s.running if r.in_prefill)
+            return InstanceStats(
+                self.info.instance_id, self.role, len(s.running), len(s.waiting),
+                e.blocks.num_free, e.blocks.num_blocks, queued,
+                sum(len(i.block_ids) for i in self._incoming.values()),
+            )
+
+        return self.aengine.call(read)
+
+    def _log_transfer(self, request_id: str, stats, side: str) -> None:
+        self.transfer_log.append({"request_id": request_id, "side": side, "bytes": stats.bytes,
+                                  "wait_s": stats.wait_s, "transfer_s": stats.transfer_s,
+                                  "scatter_s": stats.scatter_s, "t": time.time()})
+        del self.transfer_log[:-256]
+
+    def shutdown(self) -> None:
+        self.aengine.shutdown()
+        self.pool.close_all()

@@ -1,0 +1,92 @@
+"""The message rank 0 sends the other TP ranks each step: the model's inputs, nothing more.
+
+Ranks > 0 hold no scheduler, no requests and no block manager; they need only what
+``LlamaModel.forward`` reads. One step is two int64 tensors: a fixed 8-word header (so a
+receiver can size the payload buffer) and the payload, all fields back to back::
+
+    header  = [kind, T, D, P, Wd, Wp, has_prefix, S]
+    payload = input_ids[T] | positions[T] | slot_mapping[T] | decode_block_tables[D*Wd]
+              | decode_context_lens[D] | cu_seqlens[P+1] | prefix_lens[P]
+              | prefill_block_tables[P*Wp] | sample_idx[S]
+
+T tokens, D decodes, P prefill chunks, Wd/Wp block-table widths, S sampled rows. A decode step
+of 16 requests at 1k context is ~9 KB. ``kind`` 0 tells the ranks to stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import AttnMetadata
+
+HEADER_WORDS = 8
+STEP, STOP = 1, 0
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    input_ids: torch.Tensor  # [T] int64
+    meta: AttnMetadata
+    sample_idx: torch.Tensor  # [S] int64, rows of the batch that produce logits
+
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.meta
+        parts = [
+            self.input_ids,
+            m.positions,
+            m.slot_mapping,
+            m.decode_block_tables.flatten(),
+            m.decode_context_lens,
+            m.cu_seqlens,
+            m.prefix_lens,
+            m.prefill_block_tables.flatten(),
+            self.sample_idx,
+        ]
+        header = torch.tensor(
+            [
+                STEP,
+                self.input_ids.numel(),
+                m.num_decodes,
+                m.prefix_lens.numel(),
+                m.decode_block_tables.shape[1],
+                m.prefill_block_tables.shape[1],
+                int(m.has_prefix),
+                self.sample_idx.numel(),
+            ],
+            dtype=torch.int64,
+        )
+        payload = torch.cat([p.detach().to("cpu", torch.int64) for p in parts])
+        return header, payload
+
+    @staticmethod
+    def stop_header() -> torch.Tensor:
+        return torch.zeros(HEADER_WORDS, dtype=torch.int64)
+
+    @staticmethod
+    def payload_words(header: torch.Tensor) -> int:
+        _, t, d, p, wd, wp, _, s = header.tolist()
+        return 3 * t + d * wd + d + (p + 1) + p + p * wp + s
+
+    @classmethod
+    def unpack(
+        cls, header: torch.Tensor, payload: torch.Tensor, device: torch.device | None = None
+    ) -> StepMessage:
+        _, t, d, p, wd, wp, has_prefix, s = header.tolist()
+        sizes = [t, t, t, d * wd, d, p + 1, p, p * wp, s]
+        f = payload.to(device) if device is not None else payload
+        ids, pos, slots, dbt, dctx, cu, pre, pbt, sidx = torch.split(f, sizes)
+        i32 = torch.int32
+        meta = AttnMetadata(
+            positions=pos,
+            slot_mapping=slots,
+            num_decodes=d,
+            decode_block_tables=dbt.view(d, wd).to(i32),
+            decode_context_lens=dctx.to(i32),
+            cu_seqlens=cu.to(i32),
+            prefix_lens=pre.to(i32),
+            prefill_block_tables=pbt.view(p, wp).to(i32),
+            has_prefix=bool(has_prefix),
+        )
+        return cls(ids, meta, sidx)

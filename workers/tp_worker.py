@@ -1,0 +1,132 @@
+"""A tensor-parallel rank > 0: its model shard and KV-cache shard, driven by rank 0's messages.
+
+``TPWorker`` is a plain class (it imports no Ray); ``TPEngine`` makes it a Ray actor. Its life:
+
+    __init__   join the TP group, load this rank's weight slice, allocate its KV shard
+    serve()    (gloo transport) loop: receive a step message, run the shard, until STOP
+    execute()  (ray transport) run one step message passed as a Ray actor call
+
+The forward pass meets rank 0's at every all-reduce, so the ranks stay in lockstep without
+any other acknowledgement. A rank that fails writes its traceback into the group's store
+(rank 0 reports it) and exits at once, so its peers' collectives fail now rather than after
+the timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from .config import CacheConfig, ModelConfig
+from .loader import Shard, load_weights
+from .model import LlamaModel
+from .parallel import ParallelConfig, TPGroup
+from .runner import ModelRunner
+from .tp_layout import vocab_range
+from .tp_message import HEADER_WORDS, STOP, StepMessage
+
+log = logging.getLogger(__name__)
+
+
+def error_key(rank: int) -> str:
+    return f"tp/error/{rank}"
+
+
+def load_shard(
+    cfg: ModelConfig, rank: int, size: int, group: TPGroup | None, vocab_parallel: bool
+) -> LlamaModel:
+    """Rank ``rank``'s model: its heads and MLP columns (see ``tp_layout``); the embedding is
+    replicated (a lookup costs nothing and saves an all-reduce per step); the LM head is
+    either split by vocabulary (``vocab_parallel``) or held by rank 0 alone, since only rank 0
+    samples."""
+    w = load_weights(cfg, Shard(rank, size))
+    if size > 1:
+        tied = w["lm_head"] is w["embed"]
+        v0, v1 = (
+            vocab_range(cfg.vocab_size, rank, size)
+            if vocab_parallel
+            else (0, 0 if rank else cfg.vocab_size)
+        )
+        head = w["lm_head"][v0:v1]
+        w["lm_head"] = head if tied else head.clone()  # untied: drop the full matrix
+    return LlamaModel(cfg, Shard(rank, size), group.all_reduce if group else None, weights=w)
+
+
+def collect_logits(
+    group: TPGroup | None, logits: torch.Tensor, vocab_size: int, vocab_parallel: bool
+) -> torch.Tensor | None:
+    """Vocab-parallel: gather every rank's ``[S, V/tp]`` slice onto rank 0 (others get None).
+    Slices are padded to ``ceil(V/tp)`` columns so the gather moves equal shapes."""
+    if group is None or group.size == 1 or not vocab_parallel or logits.shape[0] == 0:
+        return logits
+    per = -(-vocab_size // group.size)
+    if logits.shape[1] < per:
+        logits = F.pad(logits, (0, per - logits.shape[1]))
+    parts = group.gather(logits.contiguous())
+    return None if parts is None else torch.cat(parts, dim=1)[:, :vocab_size]
+
+
+class TPWorker:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        parallel: ParallelConfig,
+        rank: int,
+        port: int,
+        cache: CacheConfig,  # num_blocks set: every rank's pool has the block count of rank 0's
+    ) -> None:
+        torch.set_num_threads(parallel.num_threads)
+        self.rank, self.cfg, self.parallel = rank, cfg, parallel
+        self.group = TPGroup(
+            rank,
+            parallel.tp,
+            port,
+            timeout_s=parallel.timeout_s,
+            startup_timeout_s=parallel.startup_timeout_s,
+        )
+        self.model = load_shard(cfg, rank, parallel.tp, self.group, parallel.vocab_parallel)
+        self.runner = ModelRunner(self.model, cache)
+        self.num_steps = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def serve(self) -> int:
+        """Gloo transport: run step messages until rank 0 sends STOP; returns the step count."""
+        header = torch.empty(HEADER_WORDS, dtype=torch.int64)
+        try:
+            while True:
+                self.group.recv_control(header, idle=True)
+                if header[0].item() == STOP:
+                    return self.num_steps
+                payload = torch.empty(StepMessage.payload_words(header), dtype=torch.int64)
+                self.group.recv_control(payload)
+                self._run(StepMessage.unpack(header, payload))
+        except BaseException:
+            self._die()
+            raise
+
+    def execute(self, header: torch.Tensor, payload: torch.Tensor) -> None:
+        """Ray transport: one step (Ray runs an actor's calls from one caller in order)."""
+        try:
+            self._run(StepMessage.unpack(header, payload))
+        except BaseException:
+            self._die()
+            raise
+
+    def _run(self, msg: StepMessage) -> None:
+        logits = self.model.forward(msg.input_ids, msg.meta, self.runner.kv, msg.sample_idx)
+        collect_logits(self.group, logits, self.cfg.vocab_size, self.parallel.vocab_parallel)
+        self.num_steps += 1
+
+    def _die(self) -> None:
+        tb = traceback.format_exc()
+        log.error("tensor-parallel rank %d failed, exiting:\n%s", self.rank, tb)
+        try:
+            self.group.store.set(error_key(self.rank), tb)
+        finally:
+            os._exit(1)
