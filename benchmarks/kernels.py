@@ -25,11 +25,10 @@ SMOKE = "--smoke" in sys.argv
 if SMOKE:  # before anything imports triton: the interpreter runs the kernels on CPU
     os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import machine, progress  # noqa: E402
-
-from pdserve.kernels import attention, blocks, kv_quant, kv_store, rmsnorm, rope  # noqa: E402
+import torch
+import torch.nn.functional as F
+from common import machine, progress
+from pdserve.kernels import attention, blocks, kv_quant, kv_store, rmsnorm, rope
 
 
 @dataclass

@@ -74,6 +74,38 @@ def prefill_latency(e: Engine, batch: int, length: int, reps: int, rng) -> float
     return statistics.median(times)
 
 
+def all_reduce_us(hidden: int, rows: int, n: int = 300) -> float:
+    """Median microseconds of one 2-rank gloo all-reduce of ``[rows, hidden]`` fp32 (what
+    every layer does twice), rank 1 in a Ray actor as in the engine."""
+    import ray
+    from pdserve.workers.parallel import TPGroup, listen_loopback
+
+    @ray.remote(num_cpus=1)
+    class Peer:
+        def __init__(self, port: int) -> None:
+            torch.set_num_threads(1)
+            self.g = TPGroup(1, 2, port)
+
+        def loop(self, rows: int, n: int) -> None:
+            t = torch.ones(rows, hidden)
+            for _ in range(n):
+                self.g.all_reduce(t)
+
+    listen = listen_loopback()
+    peer = Peer.remote(listen.getsockname()[1])
+    g = TPGroup(0, 2, listen.getsockname()[1], listen=listen)
+    done = peer.loop.remote(rows, n)
+    t, times = torch.ones(rows, hidden), []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        g.all_reduce(t)
+        times.append(time.perf_counter() - t0)
+    ray.get(done)
+    ray.kill(peer)
+    g.close()
+    return 1e6 * statistics.median(times[10:])
+
+
 def measure(path: Path, parallel: ParallelConfig, args) -> dict:
     cfg = EngineConfig(
         ModelConfig.from_path(path),
@@ -132,6 +164,9 @@ def main() -> None:
         runs["tp2_ray_transport"] = ParallelConfig(tp=2, transport="ray")
         runs["tp2_replicated_lm_head"] = ParallelConfig(tp=2, vocab_parallel=False)
     res = {name: measure(args.model, p, args) for name, p in runs.items()}
+    hidden = ModelConfig.from_path(args.model).hidden_size
+    comm = {f"all_reduce_b{b}_us": round(all_reduce_us(hidden, b), 1) for b in (1, 16)}
+    progress(f"gloo all-reduce of [b, {hidden}] fp32: {comm}")
     ray.shutdown()
     t1, t2 = res["tp1"], res["tp2"]
     summary = {
@@ -144,6 +179,8 @@ def main() -> None:
     result = {
         **summary,
         "ms": {k: {m: round(v, 2) for m, v in r.items()} for k, r in res.items()},
+        **comm,
+        "all_reduces_per_step": 2 * ModelConfig.from_path(args.model).num_layers,
         "model": args.model.name,
         "context": args.context,
         "prompt": args.prompt,

@@ -3,6 +3,7 @@
     pdserve fetch-model              fetch and convert the default model (setup does this)
     pdserve generate --prompt TEXT   one completion, streamed to stdout
     pdserve chat                     an interactive chat in the terminal (streaming)
+    pdserve up [--config FILE]       start the cluster: Ray, Redis, the Serve app (Ctrl-C stops)
 """
 
 from __future__ import annotations
@@ -101,6 +102,63 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_up(args) -> int:
+    from .config import AppConfig, merge
+    from .launcher import LOOPBACK, RedisServer, start_ray, start_serve, wait_forever
+
+    over: dict = {}
+    if args.model:
+        over["model"] = args.model
+    if args.mode:
+        over["mode"] = args.mode
+    if args.dtype:
+        over["dtype"] = args.dtype
+    if args.port is not None:
+        over.setdefault("router", {})["port"] = args.port
+    if args.redis_url:
+        over["redis_url"] = args.redis_url
+    cfg = AppConfig.from_yaml(args.config, over) if args.config else AppConfig.from_dict(merge({}, over))
+    if cfg.router.host != LOOPBACK and not args.address:
+        print(f"pdserve: serving on {cfg.router.host} (not loopback)")
+    from pdserve.workers.model_store import resolve_model
+
+    resolve_model(cfg.model)  # fetch/convert before anything starts, with progress output
+    redis = None
+    if cfg.redis_url is None:
+        redis = RedisServer().start()
+        cfg = AppConfig.from_dict({**cfg.to_dict(), "redis_url": redis.url})
+    try:
+        print("[pdserve] starting Ray ...", flush=True)
+        start_ray(args.address)
+        from ray import serve
+
+        from .app import build_app
+
+        start_serve(cfg.router.host, cfg.router.port)
+        print(f"[pdserve] deploying ({cfg.mode}: " + ", ".join(
+            f"{k} x{v.replicas} tp={v.tp}" for k, v in cfg.pools.items()) + ") ...", flush=True)
+        serve.run(build_app(cfg), name="pdserve", route_prefix="/", blocking=False)
+        base = f"http://{cfg.router.host}:{cfg.router.port}"
+        print(f"[pdserve] ready.\n  OpenAI API: {base}/v1  (chat: {base}/v1/chat/completions)\n"
+              f"  health:     {base}/health\n  Redis:      {cfg.redis_url}\n"
+              "  Ctrl-C stops everything.", flush=True)
+        wait_forever()
+    finally:
+        print("\n[pdserve] shutting down ...", flush=True)
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+        import ray
+
+        ray.shutdown()
+        if redis is not None:
+            redis.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pdserve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("up", help="start the serving cluster (Ray Serve app)")
+    p.add_argument("--config", default=None, help="YAML cluster config (see deploy/)")
+    p.add_argument("--model", default=None, help="local HF folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    p.add_argument("--mode", choices=["disaggregated", "colocated"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--address", default=None, help="join an existing Ray cluster")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    p.set_defaults(fn=cmd_up)
     p = sub.add_parser("chat", help="interactive chat in the terminal")
     _engine_args(p)
     p.set_defaults(fn=cmd_chat)

@@ -191,9 +191,12 @@ def _paged_decode_attention_triton(
     block_n = 64 if q.is_cuda else 32
     # Upper bound on any context from shapes alone: no device sync to read context_lens.
     max_ctx = block_tables.shape[1] * bs
-    if num_splits is None:
+    auto = num_splits is None
+    if auto:
         num_splits = _decode_num_splits(q, hkv, max_ctx, block_n)
     split_len = triton.cdiv(triton.cdiv(max_ctx, num_splits), block_n) * block_n
+    if auto:  # rounding split_len up to whole tiles may leave trailing splits empty
+        num_splits = triton.cdiv(max_ctx, split_len)
     o_part = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)
     block_d = max(16, next_pow2(d))
@@ -451,6 +454,7 @@ def _varlen_prefill_attention_triton(
             GROUP=h // hkv, HEAD_DIM=d,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(d)),
             HAS_PREFIX=has_prefix, UPCAST=upcast_dots(q.dtype),
+            num_warps=4, num_stages=2,  # two K/V stages fit the shared memory of any sm_80+
         )
     return out
 
@@ -466,7 +470,10 @@ def varlen_prefill_attention(
     block_tables: torch.Tensor | None = None,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """Packed causal attention; ``q [T, H, D]``, ``k, v [T, Hkv, D]`` (the new tokens only)."""
+    """Packed causal attention; ``q [T, H, D]``, ``k, v [T, Hkv, D]`` (the new tokens only).
+
+    ``k_cache, v_cache, block_tables`` are required when any ``prefix_lens > 0``; that is
+    checked except on the GPU Triton path, where reading ``prefix_lens`` would sync."""
     name = "varlen_prefill_attention"
     check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape,
           f"{name}: q [T, H, D] and k, v [T, Hkv, D] required, got {tuple(q.shape)}, "

@@ -1,21 +1,23 @@
 """Symmetric int8 quantization of K/V for compressed transfer (KIVI: K per channel, V per token).
 
 ``x`` is read as ``[..., tokens, heads, head_dim]`` (e.g. one layer's K from
-``gather_blocks(kv, ids, layer)[0]``, shape ``[n, block_size, kv_heads, head_dim]``):
+``gather_blocks(kv, ids, layer)[0]``, shape ``[n, block_size, kv_heads, head_dim]``). Scales
+keep the reduced dims as size 1, so ``q * scale`` broadcasts:
 
     per="channel" (K): one scale per (head, channel), over every token of the block set
-                       scale.shape == x.shape[-2:]          (reduce all dims but the last two)
+                       (all dims but the last two reduced):  scale [1, ..., 1, heads, head_dim]
     per="token"   (V): one scale per (token, head), over head_dim
-                       scale.shape == x.shape[:-1]          (reduce the last dim only)
+                       (the last dim reduced):                scale [..., tokens, heads, 1]
 
     scale = absmax / 127 (fp32; 0 where the group is all zeros)
-    q     = clamp(round_half_away(x / scale), -127, 127)  (int8; 0 where scale == 0)
+    q     = clamp(round_half_even(x / scale), -127, 127)   (int8; 0 where scale == 0)
     deq   = q * scale
 
 Error bound: ``|x - deq(q(x))| <= scale / 2`` elementwise (the rounding step; the clamp never
-bites since |x / scale| <= 127), up to fp32 rounding of a few ulps of |x| (tested). Keys carry
-outlier channels, so per-channel scales keep the bound tight for the other channels; values
-have no channel structure and are quantized per token (Liu et al., KIVI, 2024).
+bites since |x / scale| <= 127), up to fp32 rounding in ``x / scale`` and ``q * scale`` of a few
+ulps of |x| (tested). Keys carry outlier channels, so per-channel scales keep the bound tight
+for the other channels; values have no channel structure and are quantized per token (Liu et
+al., KIVI, 2024). Inputs must be finite (a NaN/inf poisons its group's scale).
 """
 
 from __future__ import annotations
@@ -30,27 +32,26 @@ PERS = ("channel", "token")
 QMAX = 127.0
 
 
-def _round_half_away(y: torch.Tensor) -> torch.Tensor:
-    return torch.where(y >= 0, torch.floor(y + 0.5), -torch.floor(0.5 - y))
+def scale_shape(shape: torch.Size, per: str) -> torch.Size:
+    """Shape of the scale ``quantize_kv`` returns for an input of ``shape``."""
+    if per == "channel":
+        return torch.Size((1,) * (len(shape) - 2) + tuple(shape[-2:]))
+    return torch.Size((*shape[:-1], 1))
 
 
 def quantize_kv_ref(x: torch.Tensor, per: str) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
-    if per == "channel":
-        amax = xf.abs().reshape(-1, *x.shape[-2:]).amax(0)
-        scale = amax / QMAX
-        div = scale
-    else:
-        scale = xf.abs().amax(-1) / QMAX
-        div = scale[..., None]
-    y = torch.where(div > 0, xf / torch.where(div > 0, div, 1.0), 0.0)
-    q = _round_half_away(y).clamp(-QMAX, QMAX).to(torch.int8)
+    dims = tuple(range(x.dim() - 2)) if per == "channel" else (-1,)
+    scale = xf.abs().amax(dim=dims, keepdim=True) / QMAX
+    y = torch.where(scale > 0, xf / torch.where(scale > 0, scale, 1.0), 0.0)
+    q = torch.round(y).clamp(-QMAX, QMAX).to(torch.int8)
     return q, scale
 
 
-def dequantize_kv_ref(q: torch.Tensor, scale: torch.Tensor, per: str, dtype: torch.dtype) -> torch.Tensor:
-    s = scale if per == "channel" else scale[..., None]
-    return (q.float() * s).to(dtype)
+def dequantize_kv_ref(
+    q: torch.Tensor, scale: torch.Tensor, per: str, dtype: torch.dtype
+) -> torch.Tensor:
+    return (q.float() * scale).to(dtype)
 
 
 # ---- kernels: x viewed as [rows, cols]; "channel": cols = heads * head_dim, "token": cols =
@@ -99,7 +100,11 @@ def _quantize_kv_kernel(
     else:
         div = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)[None, :]
     y = tl.where(div > 0, x / tl.where(div > 0, div, 1.0), 0.0)
-    q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))
+    # round half to even, exactly (as torch.round): y - floor(y) is exact for |y| < 2^23
+    q = tl.floor(y)
+    frac = y - q
+    odd = (q - 2.0 * tl.floor(q * 0.5)) != 0.0
+    q = tl.where((frac > 0.5) | ((frac == 0.5) & odd), q + 1.0, q)
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     tl.store(q_ptr + offs_r[:, None] * cols + offs_c[None, :], q.to(tl.int8), mask=mask)
 
@@ -138,8 +143,8 @@ def _tiles(rows: int, cols: int, per: str) -> tuple[int, int]:
 def _quantize_kv_triton(x: torch.Tensor, per: str) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = _view(x, per)
     q = torch.empty_like(x, dtype=torch.int8)
-    scale_shape = x.shape[-2:] if per == "channel" else x.shape[:-1]
-    scale = torch.zeros(scale_shape, dtype=torch.float32, device=x.device)
+    shape = scale_shape(x.shape, per)
+    scale = torch.zeros(shape, dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return q, scale
     block_r, block_c = _tiles(rows, cols, per)
@@ -152,7 +157,7 @@ def _quantize_kv_triton(x: torch.Tensor, per: str) -> tuple[torch.Tensor, torch.
             runnable(_absmax_columns_kernel)[(triton.cdiv(cols, block_c), chunks)](
                 x, part, rows, cols, rows_per, BLOCK_R=min(block_r, 32), BLOCK_C=block_c,
             )
-            torch.div(part.amax(0).view(scale_shape), QMAX, out=scale)
+            torch.div(part.amax(0).view(shape), QMAX, out=scale)
         runnable(_quantize_kv_kernel)[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
             x, q, scale, rows, cols, PER_TOKEN=per == "token", BLOCK_R=block_r, BLOCK_C=block_c,
         )
@@ -192,11 +197,12 @@ def quantize_kv(x: torch.Tensor, per: str) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_kv(
     q: torch.Tensor, scale: torch.Tensor, per: str, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Inverse of ``quantize_kv``: ``q * scale`` broadcast as ``per`` says, cast to ``dtype``."""
+    """Inverse of ``quantize_kv``: ``q * scale`` (broadcast) in fp32, cast to ``dtype``;
+    ``per`` is the one ``q`` was made with (it fixes the scale's shape)."""
     _check_per("dequantize_kv", q, per)
     check(q.dtype == torch.int8, f"dequantize_kv: q must be int8, got {q.dtype}")
     check(scale.dtype == torch.float32, f"dequantize_kv: scale must be fp32, got {scale.dtype}")
-    want = q.shape[-2:] if per == "channel" else q.shape[:-1]
+    want = scale_shape(q.shape, per)
     check(scale.shape == want, f"dequantize_kv: per={per!r} scale must be {tuple(want)}, got "
           f"{tuple(scale.shape)}")
     check(dtype in FLOATS, f"dequantize_kv: dtype {dtype} not supported")

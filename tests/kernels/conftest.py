@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
+import pytest
 
 # Allowed kernel error beyond 2x the reference's own low-precision error, relative to the
 # output's magnitude. The interpreter converts fp32 -> bf16 by truncation (up to 1 ulp =

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pdserve.kernels import attention as A
 
 FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
@@ -106,7 +105,7 @@ def test_varlen_prefill_attention(lens, prefixes, d, h, hkv, dtype, device, forc
 def test_prefill_never_attends_across_sequences(device, force_triton):
     """Changing one packed sequence leaves the others' outputs bit-identical."""
     gen = torch.Generator().manual_seed(0)
-    lens, h, d = [9, 40, 3], 2, 64
+    h, d = 2, 64  # sequences of 9, 40 and 3 tokens
     cu = torch.tensor([0, 9, 49, 52], dtype=torch.int32, device=device)
     q, k, v = (torch.randn(52, h, d, generator=gen).to(device) for _ in range(3))
     pre = torch.zeros(3, dtype=torch.int32, device=device)
@@ -121,24 +120,24 @@ def test_prefill_never_attends_across_sequences(device, force_triton):
 
 def _decode_args(device, dtype=FP32):
     kc = torch.zeros(4, 16, 2, 64, dtype=dtype, device=device)
-    return dict(
-        q=torch.zeros(2, 4, 64, dtype=dtype, device=device), k_cache=kc, v_cache=kc.clone(),
-        block_tables=torch.zeros(2, 3, dtype=torch.int32, device=device),
-        context_lens=torch.ones(2, dtype=torch.int32, device=device), scale=0.1,
-    )
+    return {
+        "q": torch.zeros(2, 4, 64, dtype=dtype, device=device), "k_cache": kc,
+        "v_cache": kc.clone(), "block_tables": torch.zeros(2, 3, dtype=torch.int32, device=device),
+        "context_lens": torch.ones(2, dtype=torch.int32, device=device), "scale": 0.1,
+    }
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(q=torch.zeros(2, 4)), "q must be"),
-    (dict(q=torch.zeros(2, 4, 32)), "head_dim"),
-    (dict(q=torch.zeros(2, 3, 64)), "multiple of kv_heads"),
-    (dict(q=torch.zeros(2, 4, 64, dtype=torch.float16)), "must match"),
-    (dict(q=torch.zeros(2, 4, 64, dtype=torch.int32)), "not supported"),
-    (dict(block_tables=torch.zeros(3, 3, dtype=torch.int32)), "block_tables"),
-    (dict(block_tables=torch.zeros(2, 3)), "block_tables"),
-    (dict(context_lens=torch.ones(3, dtype=torch.int32)), "context length"),
-    (dict(q=torch.zeros(2, 64, 4).transpose(1, 2)), "contiguous"),
-    (dict(k_cache=torch.zeros(4, 2, 16, 64).transpose(1, 2)), "contiguous"),
+    ({"q": torch.zeros(2, 4)}, "q must be"),
+    ({"q": torch.zeros(2, 4, 32)}, "head_dim"),
+    ({"q": torch.zeros(2, 3, 64)}, "multiple of kv_heads"),
+    ({"q": torch.zeros(2, 4, 64, dtype=torch.float16)}, "must match"),
+    ({"q": torch.zeros(2, 4, 64, dtype=torch.int32)}, "not supported"),
+    ({"block_tables": torch.zeros(3, 3, dtype=torch.int32)}, "block_tables"),
+    ({"block_tables": torch.zeros(2, 3)}, "block_tables"),
+    ({"context_lens": torch.ones(3, dtype=torch.int32)}, "context length"),
+    ({"q": torch.zeros(2, 64, 4).transpose(1, 2)}, "contiguous"),
+    ({"k_cache": torch.zeros(4, 2, 16, 64).transpose(1, 2)}, "contiguous"),
 ])
 def test_paged_decode_attention_rejects(bad, match, force_triton):
     args = _decode_args(torch.device("cpu"))

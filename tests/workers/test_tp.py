@@ -13,7 +13,7 @@ from contextlib import suppress
 
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy
+from conftest import PROMPTS, hf_greedy, smollm2_path
 from pdserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.workers.engine import Engine
 from pdserve.workers.parallel import ParallelConfig, TPError
@@ -185,3 +185,25 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.skipif(smollm2_path() is None, reason="default model not fetched (make setup does it)")
+def test_smollm2_tp2_matches_tp1():
+    """The real model's shape (9 heads, 3 KV heads) at tp=2: the uneven split, real weights."""
+    path = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    msgs = ["What is the capital of France?", "Write a short poem about the sea."]
+    ids = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": m}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for m in msgs
+    ]
+    cfg = EngineConfig(ModelConfig.from_path(path), CacheConfig(num_blocks=32))
+    ref = generate(Engine(cfg), ids, n=24)
+    with TPEngine(cfg, tp(2, cpus_per_rank=1.0)) as e:
+        got = generate(e, ids, n=24)
+    assert got == ref

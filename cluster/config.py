@@ -1,0 +1,179 @@
+"""The application config: frozen dataclasses grouped by concern, mapped from YAML and flags.
+
+    model: SmolLM2-135M-Instruct      # or a local HF folder
+    dtype: bfloat16
+    mode: disaggregated               # or colocated
+    prefill: {replicas: 1, tp: 1, cpus: 1}
+    decode:  {replicas: 1, tp: 1, cpus: 1}
+    kv_transfer: {timeout_s: 30, compress: null}
+    router: {host: 127.0.0.1, port: 8000, policy: least_loaded}
+    slo: {ttft_s: 1.0, tpot_s: 0.1}
+
+Validation happens twice: shape and ranges on construction (``__post_init__``), and against
+the model (heads vs TP degree, context length) in ``AppConfig.check_model``; both raise
+``ConfigError`` with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODES = ("disaggregated", "colocated")
+POLICIES = ("least_loaded", "round_robin")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    replicas: int = 1
+    tp: int = 1
+    cpus: float = 1.0  # CPUs per TP rank; torch threads per rank = max(1, int(cpus))
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    chunked_prefill: bool = True
+    kv_cache_memory: int | None = None  # bytes per rank; None: derived from free RAM
+    num_blocks: int | None = None  # overrides kv_cache_memory (tests)
+    max_waiting: int = 256
+
+    def __post_init__(self) -> None:
+        _need(self.replicas >= 1, f"replicas={self.replicas}: need at least 1")
+        _need(self.tp >= 1, f"tp={self.tp}: need at least 1")
+        _need(self.cpus > 0, f"cpus={self.cpus}: must be positive")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    timeout_s: float = 30.0  # a transfer (or an unclaimed reservation) fails after this
+    compress: str | None = None  # None or "int8"
+
+    def __post_init__(self) -> None:
+        _need(self.timeout_s > 0, "kv_transfer.timeout_s must be positive")
+        _need(self.compress in (None, "int8"), f"kv_transfer.compress={self.compress!r}: "
+              "use null (exact) or int8")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int | None = None
+    policy: str = "least_loaded"
+    retries: int = 1  # re-route a request whose prefill or transfer failed
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _need(self.policy in POLICIES, f"router.policy={self.policy!r}: choose one of "
+              f"{', '.join(POLICIES)}")
+        _need(0 <= self.port < 65536, f"router.port={self.port} is not a port")
+
+
+@dataclass(frozen=True)
+class SLOConfig:
+    ttft_s: float = 1.0
+    tpot_s: float = 0.1
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model: str | None = None  # None: the default model
+    dtype: str = "bfloat16"
+    mode: str = "disaggregated"
+    block_size: int = 16
+    prefill: PoolConfig = field(default_factory=lambda: PoolConfig(max_num_batched_tokens=4096))
+    decode: PoolConfig = field(default_factory=lambda: PoolConfig(max_num_seqs=128))
+    colocated: PoolConfig = field(default_factory=lambda: PoolConfig(max_num_batched_tokens=512))
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    redis_url: str | None = None
+
+    def __post_init__(self) -> None:
+        _need(self.mode in MODES, f"mode={self.mode!r}: choose one of {', '.join(MODES)}")
+        _need(self.dtype in ("float32", "bfloat16"), f"dtype={self.dtype!r}: float32 or bfloat16")
+
+    @property
+    def pools(self) -> dict[str, PoolConfig]:
+        if self.mode == "colocated":
+            return {"colocated": self.colocated}
+        return {"prefill": self.prefill, "decode": self.decode}
+
+    def check_model(self, num_heads: int, num_kv_heads: int) -> None:
+        """Refuse TP degrees the model's heads cannot be split over."""
+        valid = valid_tp_degrees(num_heads, num_kv_heads)
+        for name, pool in self.pools.items():
+            _need(pool.tp in valid, f"{name}.tp={pool.tp} but the model has {num_heads} attention "
+                  f"heads and {num_kv_heads} KV heads; valid: {', '.join(map(str, valid))}")
+
+    # ---- mapping ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> AppConfig:
+        d = dict(d or {})
+        nested = {"prefill": PoolConfig, "decode": PoolConfig, "colocated": PoolConfig,
+                  "kv_transfer": KVTransferConfig, "router": RouterConfig, "slo": SLOConfig}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        _need(not unknown, f"unknown config keys: {', '.join(sorted(unknown))}; known: "
+              f"{', '.join(sorted(known))}")
+        kw: dict[str, Any] = {}
+        for k, v in d.items():
+            if k in nested and isinstance(v, dict):
+                sub = nested[k]
+                if k in ("prefill", "decode", "colocated"):
+                    base = dataclasses.asdict(getattr(cls(), k))
+                    v = {**base, **v}
+                fields = {f.name for f in dataclasses.fields(sub)}
+                bad = set(v) - fields
+                _need(not bad, f"unknown keys in {k}: {', '.join(sorted(bad))}; known: "
+                      f"{', '.join(sorted(fields))}")
+                try:
+                    kw[k] = sub(**v)
+                except TypeError as e:
+                    raise ConfigError(f"{k}: {e}") from None
+            else:
+                kw[k] = v
+        return cls(**kw)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> AppConfig:
+        p = Path(path)
+        _need(p.exists(), f"config file {p} does not exist")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        _need(isinstance(d, dict), f"{p}: the top level must be a mapping")
+        return cls.from_dict(merge(d, overrides or {}))
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def valid_tp_degrees(num_heads: int, num_kv_heads: int, limit: int = 16) -> list[int]:
+    """TP degrees whose head split works: KV heads divide evenly over ranks, or ranks evenly
+    over KV heads (replication), and query heads follow their KV groups."""
+    out = []
+    for tp in range(1, limit + 1):
+        if num_kv_heads % tp == 0 or tp % num_kv_heads == 0:
+            if num_heads % tp == 0 or (tp % num_kv_heads == 0 and (num_heads // num_kv_heads) % (tp // num_kv_heads) == 0):
+                out.append(tp)
+    return out

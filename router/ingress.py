@@ -1,0 +1,45 @@
+"""The router's Serve ingress deployment: the FastAPI app over the orchestrator."""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+
+from pdserve.workers.config import ModelConfig
+from pdserve.workers.llm import load_tokenizer
+
+from .api import Frontend, build_fastapi
+from .orchestrator import Orchestrator
+
+log = logging.getLogger(__name__)
+
+_front: Frontend | None = None
+
+
+def _current_front() -> Frontend:
+    # Looked up through the module at call time: the FastAPI app is pickled into the replica,
+    # so a closure over this module's globals would see the driver's (empty) copy.
+    from pdserve.router import ingress
+
+    if ingress._front is None:
+        raise RuntimeError("the router is still starting")
+    return ingress._front
+
+
+app = build_fastapi(_current_front)
+
+
+@serve.ingress(app)
+class Router:
+    def __init__(self, app_config: dict, model_path: str, model_name: str,
+                 prefill=None, decode=None, colocated=None) -> None:
+        global _front
+        mc = ModelConfig.from_path(model_path)
+        r = app_config["router"]
+        orch = Orchestrator(app_config["mode"], prefill, decode, colocated,
+                            timeout_s=app_config["kv_transfer"]["timeout_s"], retries=r["retries"])
+        _front = Frontend(load_tokenizer(model_path), model_name, mc.max_position_embeddings,
+                          mc.vocab_size, orch)
+        self.front = _front
+        log.info("pdserve router ready (%s mode)", app_config["mode"])

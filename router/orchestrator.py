@@ -1,0 +1,110 @@
+"""A request's journey through the pools (ARCHITECTURE.md steps 3–6), as an async stream.
+
+disaggregated:  reserve on a decode instance D  →  prefill on P, which pushes the KV to D
+                layer by layer and returns the first token (TTFT)  →  stream the rest from D.
+colocated:      stream everything from one colocated instance.
+
+The consumer (the HTTP/gRPC layer) iterates ``run(job)``; closing the iterator (client gone,
+stop string found) aborts the request on every instance it touched. A failure before the
+first token is retried on other instances (``retries``); after it, the error surfaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from pdserve.workers.instance import NoCapacity
+from pdserve.workers.messages import Job, TokenChunk
+
+log = logging.getLogger(__name__)
+
+
+class Unavailable(RuntimeError):
+    """No instance could take the request in time (HTTP 503)."""
+
+
+class Orchestrator:
+    def __init__(self, mode: str, prefill=None, decode=None, colocated=None,
+                 timeout_s: float = 30.0, retries: int = 1) -> None:
+        self.mode = mode
+        self.prefill, self.decode, self.colocated = prefill, decode, colocated
+        self.timeout = timeout_s
+        self.retries = retries
+        self.stats = {"requests": 0, "retries": 0, "failures": 0}
+
+    async def run(self, job: Job) -> AsyncIterator[TokenChunk]:
+        self.stats["requests"] += 1
+        if self.mode == "colocated":
+            stream = self.colocated.options(stream=True).generate_full.remote(job)
+            try:
+                async for c in stream:
+                    yield c
+            finally:
+                stream.cancel()
+            return
+        async for c in self._disaggregated(job):
+            yield c
+
+    async def _reserve(self, job: Job):
+        """A decode reservation, waiting (bounded) while every decode instance is full."""
+        deadline = time.monotonic() + self.timeout
+        delay = 0.01
+        while True:
+            try:
+                return await self.decode.reserve.remote(job)
+            except NoCapacity:
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable("no decode instance has free KV blocks; retry later") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    async def _disaggregated(self, job: Job) -> AsyncIterator[TokenChunk]:
+        attempt = 0
+        while True:
+            desc = await self._reserve(job)
+            d_id = desc.decode.instance_id
+            pre = self.prefill.prefill.remote(job, desc)
+            try:
+                res = await pre
+            except asyncio.CancelledError:
+                pre.cancel()
+                await self._abort_decode(job.request_id, d_id)
+                raise
+            except Exception as e:  # noqa: BLE001 - prefill or transfer failed: re-route
+                await self._abort_decode(job.request_id, d_id)
+                if attempt >= self.retries or isinstance(e, ValueError):
+                    self.stats["failures"] += 1
+                    raise
+                attempt += 1
+                self.stats["retries"] += 1
+                log.warning("request %s: prefill failed (%s); retrying (attempt %d)",
+                            job.request_id, e, attempt + 1)
+                continue
+            break
+        first = TokenChunk(job.request_id, [res.first_token], [res.logprobs] if res.logprobs else [],
+                           res.finish_reason is not None, res.finish_reason, len(job.prompt_ids), 1)
+        if first.finished:
+            await self._abort_decode(job.request_id, d_id)  # frees the (filled) reservation
+            yield first
+            return
+        stream = self.decode.options(stream=True).generate.remote(
+            job.request_id, res.first_token, res.logprobs, target=d_id)
+        done = False
+        try:
+            yield first
+            async for c in stream:
+                done = c.finished
+                yield c
+        finally:
+            if not done:
+                stream.cancel()
+                await self._abort_decode(job.request_id, d_id)
+
+    async def _abort_decode(self, request_id: str, instance_id: str) -> None:
+        try:
+            await asyncio.shield(self.decode.abort.remote(request_id, target=instance_id))
+        except Exception as e:  # noqa: BLE001 - the instance may be gone; nothing to free then
+            log.info("abort of %s on %s: %s", request_id, instance_id, e)

@@ -1,0 +1,59 @@
+"""A Ray Serve request router for the pools: targeted calls and policy-ranked calls.
+
+Serve's default router picks a replica by queue length. pdserve needs two more things:
+  * a call with ``target=<instance id>`` must reach exactly that replica (the decode instance
+    holding a request's blocks, the peer of a KV channel); if it is gone the call fails fast
+    instead of landing on a replica that knows nothing of the request;
+  * other calls are ranked by a ``RoutingPolicy`` over the stats replicas report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from .policy import Candidate, make_policy
+
+log = logging.getLogger(__name__)
+
+
+class TargetGone(RuntimeError):
+    """The targeted instance is no longer a replica of the pool."""
+
+
+class InstanceRouter(RequestRouter):
+    def initialize_state(self, policy: str = "least_loaded", role: str = "decode", **_) -> None:
+        self._policy = make_policy(policy)
+        self._role = role
+        self._inflight: dict[str, int] = defaultdict(int)
+        self._by_request: dict[str, str] = {}
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        target = pending_request.kwargs.get("target") if pending_request is not None else None
+        if target:
+            hit = [r for r in candidate_replicas if r.replica_id.unique_id == target]
+            if hit:
+                return [hit]
+            # Fail the call now rather than let Serve retry (with backoff) forever: resolve the
+            # pending request with the error, then hand back any candidate; Serve's routing
+            # loop sees the request is done and stops before sending it anywhere.
+            if not pending_request.future.done():
+                pending_request.future.set_exception(
+                    TargetGone(f"instance {target} is not a live replica of the pool"))
+            return [candidate_replicas[:1]]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        cands = [Candidate(i, r.routing_stats or {}, self._inflight[i]) for i, r in by_id.items()]
+        return [[by_id[c.instance_id]] for c in self._policy.rank(self._role, cands)]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        rid = replica_id.unique_id
+        self._inflight[rid] += 1
+        self._by_request[pending_request.metadata.internal_request_id] = rid
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        rid = self._by_request.pop(internal_request_id, replica_id.unique_id)
+        self._inflight[rid] = max(0, self._inflight[rid] - 1)
