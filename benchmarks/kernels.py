@@ -201,7 +201,7 @@ def bench_elementwise(z: Sizes, dt: torch.dtype, dev: torch.device, smoke: bool)
 def bench_transfer(z: Sizes, dt: torch.dtype, dev: torch.device, smoke: bool) -> list[Row]:
     g = torch.Generator(device=dev).manual_seed(2)
     el = torch.empty((), dtype=dt).element_size()
-    nb = 4 * z.moved_blocks
+    nb = 2 * z.moved_blocks
     kv = torch.randn(z.layers, 2, nb, z.block_size, z.kv_heads, z.head_dim, generator=g,
                      device=dev, dtype=dt)
     ids = torch.randperm(nb, generator=g, device=dev)[: z.moved_blocks]
@@ -257,8 +257,8 @@ def main() -> None:
     else:
         sys.exit("benchmarks/kernels.py: no CUDA GPU; run with --smoke on CPU")
     with torch.inference_mode():
-        rows = (bench_attention(sizes, dt, dev, a.smoke) + bench_elementwise(sizes, dt, dev, a.smoke)
-                + bench_transfer(sizes, dt, dev, a.smoke))
+        rows = [row for bench in (bench_attention, bench_elementwise, bench_transfer)
+                for row in bench(sizes, dt, dev, a.smoke)]
     for r in rows:
         rate = (f"{r.tflops:8.2f} TFLOP/s" if r.tflops is not None
                 else f"{r.gbps:8.1f} GB/s" if r.gbps is not None else "")

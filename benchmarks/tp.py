@@ -8,8 +8,10 @@ logit gather, sampling), side by side in one run:
 - decode step latency at batch 1 and 16 (every request past its prompt of ``--context`` tokens)
 - prefill latency of one 512-token prompt, and of 16 prompts of ``--b16-prompt`` tokens in one
   packed step (fresh random prompts each repetition)
-- for TP=2, the design alternatives: step messages over Ray actor calls instead of the gloo
-  broadcast, and a replicated LM head instead of the vocab-parallel one
+- for TP=2, the design alternatives: gloo all-reduces instead of the shared-memory ones, step
+  messages over Ray actor calls instead of the gloo broadcast, and a replicated LM head
+  instead of the vocab-parallel one
+- the latency of one 2-rank all-reduce of a decode-sized tensor, gloo vs shared memory
 
 Ratios are ``tp1_latency / tp2_latency`` (> 1: TP=2 is faster). Last stdout line: one JSON
 object with ``tp2_vs_tp1_decode_b16`` and ``tp2_vs_tp1_prefill_512`` and the raw figures;
@@ -74,9 +76,9 @@ def prefill_latency(e: Engine, batch: int, length: int, reps: int, rng) -> float
     return statistics.median(times)
 
 
-def all_reduce_us(hidden: int, rows: int, n: int = 300) -> float:
-    """Median microseconds of one 2-rank gloo all-reduce of ``[rows, hidden]`` fp32 (what
-    every layer does twice), rank 1 in a Ray actor as in the engine."""
+def all_reduce_us(hidden: int, rows: int, shm_bytes: int, n: int = 300) -> float:
+    """Median microseconds of one 2-rank all-reduce of ``[rows, hidden]`` fp32 (what every
+    layer does twice), rank 1 in a Ray actor as in the engine; ``shm_bytes=0``: gloo."""
     import ray
     from pdserve.workers.parallel import TPGroup, listen_loopback
 
@@ -84,7 +86,7 @@ def all_reduce_us(hidden: int, rows: int, n: int = 300) -> float:
     class Peer:
         def __init__(self, port: int) -> None:
             torch.set_num_threads(1)
-            self.g = TPGroup(1, 2, port)
+            self.g = TPGroup(1, 2, port, shm_bytes=shm_bytes)
 
         def loop(self, rows: int, n: int) -> None:
             t = torch.ones(rows, hidden)
@@ -93,7 +95,7 @@ def all_reduce_us(hidden: int, rows: int, n: int = 300) -> float:
 
     listen = listen_loopback()
     peer = Peer.remote(listen.getsockname()[1])
-    g = TPGroup(0, 2, listen.getsockname()[1], listen=listen)
+    g = TPGroup(0, 2, listen.getsockname()[1], listen=listen, shm_bytes=shm_bytes)
     done = peer.loop.remote(rows, n)
     t, times = torch.ones(rows, hidden), []
     for _ in range(n):
@@ -161,12 +163,17 @@ def main() -> None:
     progress(f"model {args.model.name}, load average {load:.2f} on {os.cpu_count()} cpus")
     runs = {"tp1": ParallelConfig(tp=1), "tp2": ParallelConfig(tp=2)}
     if not args.quick:
+        runs["tp2_gloo_collectives"] = ParallelConfig(tp=2, shm_bytes=0)
         runs["tp2_ray_transport"] = ParallelConfig(tp=2, transport="ray")
         runs["tp2_replicated_lm_head"] = ParallelConfig(tp=2, vocab_parallel=False)
     res = {name: measure(args.model, p, args) for name, p in runs.items()}
     hidden = ModelConfig.from_path(args.model).hidden_size
-    comm = {f"all_reduce_b{b}_us": round(all_reduce_us(hidden, b), 1) for b in (1, 16)}
-    progress(f"gloo all-reduce of [b, {hidden}] fp32: {comm}")
+    comm = {
+        f"all_reduce_{kind}_b{b}_us": round(all_reduce_us(hidden, b, shm), 1)
+        for kind, shm in (("gloo", 0), ("shm", 4 << 20))
+        for b in (1, 16)
+    }
+    progress(f"2-rank all-reduce of [b, {hidden}] fp32: {comm}")
     ray.shutdown()
     t1, t2 = res["tp1"], res["tp2"]
     summary = {

@@ -99,6 +99,7 @@ class AppConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
     redis_url: str | None = None
+    testing_faults: bool = False  # allow the fault-injection hook (tests only)
 
     def __post_init__(self) -> None:
         _need(self.mode in MODES, f"mode={self.mode!r}: choose one of {', '.join(MODES)}")

@@ -514,8 +514,8 @@ def varlen_prefill_attention(
     check(cu_seqlens.is_contiguous() and prefix_lens.is_contiguous(),
           f"{name}: cu_seqlens and prefix_lens must be contiguous")
     if k_cache is not None:
-        check(k_cache.is_contiguous() and v_cache.is_contiguous()
-              and block_tables.stride(1) == 1, f"{name}: caches and block_tables must be contiguous")
+        check(k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1,
+              f"{name}: caches and block_tables must be contiguous")
     return _varlen_prefill_attention_triton(
         q, k, v, cu_seqlens, prefix_lens, k_cache, v_cache, block_tables, scale
     )

@@ -23,7 +23,9 @@ from .dispatch import FLOATS, INTS, check, check_dtype, device_guard, runnable, 
 COPY_BLOCK = 2048  # elements per copy step
 
 
-def gather_blocks_ref(kv: torch.Tensor, block_ids: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+def gather_blocks_ref(
+    kv: torch.Tensor, block_ids: torch.Tensor, layer: int | None = None
+) -> torch.Tensor:
     src = kv if layer is None else kv[layer]
     return src.index_select(src.dim() - 4, block_ids)
 
@@ -71,7 +73,9 @@ def _planes(kv: torch.Tensor, layer: int | None) -> tuple[torch.Tensor, int, int
     return src, src.shape[:-4].numel(), src.shape[-4], src.shape[-3:].numel()
 
 
-def _gather_blocks_triton(kv: torch.Tensor, block_ids: torch.Tensor, layer: int | None) -> torch.Tensor:
+def _gather_blocks_triton(
+    kv: torch.Tensor, block_ids: torch.Tensor, layer: int | None
+) -> torch.Tensor:
     src, planes, nb, numel = _planes(kv, layer)
     shape = list(src.shape)
     shape[-4] = block_ids.shape[0]
@@ -106,7 +110,9 @@ def _check(kv: torch.Tensor, block_ids: torch.Tensor, layer: int | None) -> None
     check(block_ids.device == kv.device, "blocks: block_ids and kv are on different devices")
 
 
-def gather_blocks(kv: torch.Tensor, block_ids: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+def gather_blocks(
+    kv: torch.Tensor, block_ids: torch.Tensor, layer: int | None = None
+) -> torch.Tensor:
     _check(kv, block_ids, layer)
     if not use_triton(kv):
         return gather_blocks_ref(kv, block_ids.long(), layer)

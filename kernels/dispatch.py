@@ -3,7 +3,9 @@
 Rule: Triton when the tensors live on CUDA, or when ``PDSERVE_KERNELS=triton`` forces it
 (with ``TRITON_INTERPRET=1`` that runs the kernels on CPU through the interpreter, which is
 how the test suite proves them equal to the references). ``PDSERVE_KERNELS=torch`` forces the
-references everywhere. This module imports nothing of pdserve.
+references everywhere. This module imports nothing of pdserve. It also holds what the
+launchers share: ``runnable`` (interpreter or compiled, decided at call time), the CUDA
+device guard, and the check helpers whose ValueErrors the wrappers raise.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import torch
 
 ENV_KERNELS = "PDSERVE_KERNELS"  # "auto" (default) | "triton" | "torch"
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels compute in
+INTS = (torch.int32, torch.int64)  # index tensors (block tables, slots, lengths)
 
 
 @functools.cache
@@ -110,7 +114,3 @@ def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) ->
 def check_same_device(name: str, *ts: torch.Tensor | None) -> None:
     devs = {t.device for t in ts if t is not None}
     check(len(devs) <= 1, f"{name}: tensors are on different devices {sorted(map(str, devs))}")
-
-
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-INTS = (torch.int32, torch.int64)

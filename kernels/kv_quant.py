@@ -209,5 +209,6 @@ def dequantize_kv(
     check(scale.device == q.device, "dequantize_kv: q and scale are on different devices")
     if not use_triton(q):
         return dequantize_kv_ref(q, scale, per, dtype)
-    check(q.is_contiguous() and scale.is_contiguous(), "dequantize_kv: q and scale must be contiguous")
+    check(q.is_contiguous() and scale.is_contiguous(),
+          "dequantize_kv: q and scale must be contiguous")
     return _dequantize_kv_triton(q, scale, per, dtype)

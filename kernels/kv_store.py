@@ -90,7 +90,8 @@ def store_kv(
     check(k.dtype == v.dtype == k_cache.dtype == v_cache.dtype,
           f"store_kv: dtype {k.dtype}/{v.dtype} != cache {k_cache.dtype}/{v_cache.dtype}")
     check_dtype("store_kv slot_mapping", slot_mapping, INTS)
-    check(k_cache.is_contiguous() and v_cache.is_contiguous(), "store_kv: caches must be contiguous")
+    check(k_cache.is_contiguous() and v_cache.is_contiguous(),
+          "store_kv: caches must be contiguous")
     check_same_device("store_kv", k, v, k_cache, v_cache, slot_mapping)
     if not use_triton(k):
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping)

@@ -147,5 +147,6 @@ def apply_rope(
         apply_rope_ref(q, k, positions, cos_sin)
         return
     check(q.stride(2) == 1 and k.stride(2) == 1 and cos_sin.stride(1) == 1
-          and positions.is_contiguous(), "apply_rope: last dims of q, k, cos_sin must be contiguous")
+          and positions.is_contiguous(),
+          "apply_rope: the last dims of q, k, cos_sin and positions must be contiguous")
     _apply_rope_triton(q, k, positions, cos_sin)

@@ -39,13 +39,24 @@ class AsyncEngine:
         while not self._stop:
             with self._lock:
                 busy = self.engine.has_work
-                outs = self.engine.step() if busy else []
+                try:
+                    outs = self.engine.step() if busy else []
+                except Exception as e:  # noqa: BLE001 - a bad step must not kill the instance
+                    log.exception("engine step failed; failing the requests in flight")
+                    self._fail_all(e)
+                    continue
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             for o in outs:
                 self._deliver(o.request_id, o)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Abort every streamed request and hand it ``error`` (called with the lock held)."""
+        for rid in list(self._streams):
+            self.engine.abort(rid)
+            self._deliver(rid, EngineDead(f"engine step failed: {error}"))
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         s = self._streams.get(request_id)

@@ -43,21 +43,15 @@ class PoolWorker:
                             max_waiting=pool["max_waiting"]),
             num_threads=threads,
         )
+        self.allow_faults = bool(app_config.get("testing_faults"))
         ctx = serve.get_replica_context()
         self.instance_id = ctx.replica_id.unique_id
         self.decode = decode_handle
         kv = app_config["kv_transfer"]
         self.inst = Instance(cfg, self.instance_id, host=_channel_host(),
                              transfer_timeout_s=kv["timeout_s"], compress=kv["compress"],
-                             expect_peer=self._expect_peer)
+                             peers=_ServePeers(decode_handle, kv["timeout_s"]))
         log.info("pdserve %s instance %s ready", role, self.instance_id)
-
-    # Called from a worker thread inside Instance.prefill (never on the event loop).
-    def _expect_peer(self, desc: ReceiveDescriptor, src: PeerId, layout: KVLayout,
-                     has_channel: bool) -> ChannelOffer | None:
-        resp = self.decode.expect.remote(desc.request_id, src, layout, has_channel,
-                                         target=desc.decode.instance_id)
-        return resp.result(timeout_s=self.inst.timeout)
 
     # ---- control plane ---------------------------------------------------------------------
     async def info(self, target: str | None = None):
@@ -66,9 +60,12 @@ class PoolWorker:
     async def reserve(self, job: Job, target: str | None = None) -> ReceiveDescriptor:
         return self.inst.reserve(job)
 
-    async def expect(self, request_id: str, src: PeerId, layout: KVLayout, has_channel: bool,
-                     target: str | None = None) -> ChannelOffer | None:
-        return self.inst.expect(request_id, src, layout, has_channel)
+    async def open_channel(self, src: PeerId, target: str | None = None) -> ChannelOffer:
+        return self.inst.open_channel(src)
+
+    async def expect(self, request_id: str, src: PeerId, layout: KVLayout,
+                     target: str | None = None) -> None:
+        self.inst.expect(request_id, src, layout)
 
     async def prefill(self, job: Job, desc: ReceiveDescriptor, target: str | None = None
                       ) -> PrefillResult:
@@ -92,6 +89,13 @@ class PoolWorker:
     async def transfers(self, target: str | None = None) -> list[dict]:
         return list(self.inst.transfer_log)
 
+    async def inject_fault(self, name: str, count: int = 1, target: str | None = None) -> None:
+        """Test hook: make the next ``count`` operations of kind ``name`` fail (see
+        ``Instance.faults``). Only when the app config enables it (``testing_faults``)."""
+        if not self.allow_faults:
+            raise PermissionError("fault injection is disabled (testing_faults: false)")
+        self.inst.faults[name] = count
+
     def record_routing_stats(self) -> dict:
         return self.inst.stats().as_routing_stats()
 
@@ -103,6 +107,23 @@ class PoolWorker:
         inst = getattr(self, "inst", None)
         if inst is not None:
             inst.shutdown()
+
+
+class _ServePeers:
+    """``Instance.peers`` over targeted Serve calls to the decode pool. Called from worker
+    threads inside ``Instance.prefill`` (never on the event loop), hence ``.result()``."""
+
+    def __init__(self, decode_handle, timeout_s: float) -> None:
+        self.decode = decode_handle
+        self.timeout = timeout_s
+
+    def open_channel(self, peer: PeerId, src: PeerId) -> ChannelOffer:
+        return self.decode.open_channel.remote(src, target=peer.instance_id).result(
+            timeout_s=self.timeout)
+
+    def expect(self, desc: ReceiveDescriptor, src: PeerId, layout: KVLayout) -> None:
+        self.decode.expect.remote(desc.request_id, src, layout,
+                                  target=desc.decode.instance_id).result(timeout_s=self.timeout)
 
 
 def _channel_host() -> str:

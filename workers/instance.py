@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pdserve.kvtransfer import (
     Channel,
@@ -59,6 +60,14 @@ from .scheduler import ScheduledBatch
 log = logging.getLogger(__name__)
 
 
+class Peers(Protocol):
+    """How a prefill instance reaches decode instances (targeted control-plane calls)."""
+
+    def open_channel(self, peer: PeerId, src: PeerId) -> ChannelOffer: ...
+
+    def expect(self, desc: ReceiveDescriptor, src: PeerId, layout: KVLayout) -> None: ...
+
+
 class NoCapacity(RuntimeError):
     """This instance cannot take the request now (no free KV blocks): try another."""
 
@@ -89,6 +98,8 @@ class _Outgoing:
     desc: ReceiveDescriptor
     channel: Channel
     plan: TransferPlan | None = None
+    stalled: bool = False  # fault injection: layers are never sent
+    error: BaseException | None = None  # a send failed inside the layer hook
 
 
 def _chunk(o) -> TokenChunk:
@@ -104,7 +115,7 @@ class Instance:
         host: str = "127.0.0.1",
         transfer_timeout_s: float = 30.0,
         compress: str | None = None,
-        expect_peer: Callable[..., ChannelOffer | None] | None = None,
+        peers: Peers | None = None,
         engine: Engine | None = None,
     ) -> None:
         self.engine = engine or Engine(config)
@@ -118,9 +129,9 @@ class Instance:
         self.info = InstanceInfo(instance_id, self.role, time.time_ns(), host, self.layout)
         self.timeout = transfer_timeout_s
         self.compress = compress
-        # expect_peer(desc, src PeerId, src layout, has_channel) -> offer: calls ``expect`` on the
-        # decode instance named in desc (the deployment supplies it: a targeted Serve call)
-        self.expect_peer = expect_peer
+        # How this instance reaches decode instances (the deployment supplies targeted Serve
+        # calls; tests can wire two instances directly)
+        self.peers = peers
         self.aengine = AsyncEngine(self.engine)
         self.sender = KVSender(rank=0)
         self.receiver = KVReceiver(rank=0)
@@ -132,33 +143,37 @@ class Instance:
         self._transfer_ids = itertools.count(1)
         self.transfer_log: list[dict] = []  # recent transfer stats (bytes, wait/transfer/scatter)
         self.engine.on_layer = self._on_layer
+        # Fault injection for tests: name -> how many more times to fail that way.
+        #   stall_transfer: register the next transfer but never send its layers
+        self.faults: dict[str, int] = {}
 
     # ---- channels --------------------------------------------------------------------------
     def _make_channel(self, peer: PeerId) -> Channel:
         with self._rv_lock:
             make = self._rendezvous.pop(peer, None)
-        if make is None:
+        if make is not None:  # receiver side: a listener opened by open_channel
+            return make()
+        if self.peers is None:
             raise ChannelClosed(f"no rendezvous pending for {peer}")
-        return make()
+        # sender side: ask the receiver to open a listener, then connect to it
+        offer = self.peers.open_channel(peer, self._me())
+        return connect(offer.address, peer.instance_id, offer.timeout_s)
 
     def _me(self) -> PeerId:
         return PeerId(self.info.instance_id, self.info.epoch, 0)
-
-    def _has_channel(self, peer: PeerId) -> bool:
-        return peer in self.pool.peers()
 
     # ---- prefill role ------------------------------------------------------------------------
     async def prefill(self, job: Job, desc: ReceiveDescriptor) -> PrefillResult:
         t0 = time.monotonic()
         peer = PeerId(desc.decode.instance_id, desc.decode.epoch, 0)
-        has = self._has_channel(peer)
-        offer = await asyncio.to_thread(self.expect_peer, desc, self._me(), self.layout, has)
-        if offer is not None:
-            self.pool.invalidate(peer)
-            with self._rv_lock:
-                self._rendezvous[peer] = lambda: connect(offer.address, desc.decode.instance_id,
-                                                         offer.timeout_s)
+        # A channel to the decode instance (made on first use: it opens a listener, we connect),
+        # then tell it to expect this request's KV on that channel.
         channel = await asyncio.to_thread(self.pool.acquire, peer)
+        try:
+            await asyncio.to_thread(self.peers.expect, desc, self._me(), self.layout)
+        except BaseException:
+            self.pool.release(peer, channel)
+            raise
         t_channel = time.monotonic()
         self._outgoing[job.request_id] = _Outgoing(desc, channel)
         first = None
@@ -167,19 +182,32 @@ class Instance:
                 first = o
             t_compute = time.monotonic()
             out = self._outgoing.get(job.request_id)
+            if out is not None and out.error is not None:
+                raise TransferFailed(f"{job.request_id}: sending the KV failed: {out.error}")
             if out is None or out.plan is None:
                 raise TransferFailed(f"{job.request_id}: prefill ended before its KV was sent")
+            if out.stalled:  # fault injection: a sender that hangs; the receiver times out
+                await asyncio.sleep(self.timeout)
+                raise TransferFailed(f"{job.request_id}: transfer stalled (injected fault)")
             stats = await asyncio.to_thread(self.sender.wait_done, job.request_id, self.timeout)
-        except BaseException:
+        except BaseException as e:
             # Stop the request first (waits for a running step, so the layer hook is idle),
             # then finish the transfer protocol so the receiver frees its blocks.
+            broken = isinstance(e, (TransferFailed, TransferError))
             await asyncio.to_thread(self.aengine.abort, job.request_id)
             await asyncio.to_thread(self._cancel_outgoing, job.request_id)
             raise
+        else:
+            broken = False
         finally:
             self._outgoing.pop(job.request_id, None)
             self.aengine.call(lambda e: e.release(job.request_id))
             self.pool.release(peer, channel)
+            if broken or channel.closed:
+                # A failed transfer leaves a gloo pair unusable (a timeout closes it on both
+                # sides); the next request to this peer builds a fresh channel. A cancelled
+                # transfer (client gone) keeps the channel: the protocol ran to its end.
+                self.pool.invalidate(peer)
         t_done = time.monotonic()
         self._log_transfer(job.request_id, stats, "send")
         reason = None if first.finish_reason == "prefilled" else first.finish_reason
@@ -204,13 +232,27 @@ class Instance:
                     req.request_id, req.block_ids[:nblk], d.block_ids, 0, self.layout.num_layers,
                     self.layout, d.decode.layout, self.compress, d.transfer_id,
                 )
-                self.sender.begin(out.plan, {0: out.channel})
-            self.sender.send_layers(out.plan, self.engine.runner.kv, [layer])
+                if self.faults.get("stall_transfer", 0) > 0:
+                    self.faults["stall_transfer"] -= 1
+                    out.stalled = True
+                    continue
+                try:
+                    self.sender.begin(out.plan, {0: out.channel})
+                except Exception as e:  # noqa: BLE001 - never let a peer break the engine loop
+                    out.error, out.plan = e, None
+                    continue
+            if not out.stalled and out.error is None and out.plan is not None:
+                try:
+                    self.sender.send_layers(out.plan, self.engine.runner.kv, [layer])
+                except Exception as e:  # noqa: BLE001 - reported by prefill()
+                    out.error = e
 
     def _cancel_outgoing(self, request_id: str) -> None:
         out = self._outgoing.get(request_id)
         if out is None:
             return
+        if out.stalled:
+            return  # never registered with the sender; the receiver times out on its own
         if out.plan is None:
             # Nothing sent yet: the receiver is waiting all the same. Register the transfer
             # (source blocks are never read when cancelling) and cancel it, which sends
@@ -220,7 +262,7 @@ class Instance:
                                     self.layout.num_layers, self.layout, d.decode.layout,
                                     self.compress, d.transfer_id)
             self.sender.begin(out.plan, {0: out.channel})
-        if request_id in self.sender.in_flight():
+        if request_id in self.sender.in_flight:
             try:
                 self.sender.abort(request_id, self.timeout)
             except TransferError as e:
@@ -247,26 +289,35 @@ class Instance:
         threading.Timer(self.timeout, self._expire, (job.request_id, inc)).start()
         return ReceiveDescriptor(job.request_id, self.info, ids, inc.transfer_id, self.timeout)
 
-    def expect(self, request_id: str, src: PeerId, src_layout: KVLayout, sender_has_channel: bool
-               ) -> ChannelOffer | None:
-        """A prefill instance is about to push ``request_id``'s KV. Starts the receive; returns
-        a rendezvous offer when the pair has no usable channel yet."""
+    def open_channel(self, src: PeerId) -> ChannelOffer:
+        """A prefill rank wants a (new) channel: drop any old one to it, open a listener and
+        accept in the background; the sender connects to the returned address."""
+        self.pool.invalidate(src)
+        listener = ChannelListener(self.info.host, f"{src.instance_id}->{self.info.instance_id}",
+                                   self.info.epoch)
+        with self._rv_lock:
+            self._rendezvous[src] = lambda: listener.accept(src.instance_id, self.timeout)
+
+        def accept() -> None:
+            try:
+                self.pool.release(src, self.pool.acquire(src))
+            except Exception as e:  # noqa: BLE001 - the sender sees its own failure
+                log.warning("channel from %s was not established: %s", src.instance_id, e)
+
+        threading.Thread(target=accept, daemon=True).start()
+        return ChannelOffer(listener.address, self.timeout)
+
+    def expect(self, request_id: str, src: PeerId, src_layout: KVLayout) -> None:
+        """A prefill rank is about to push ``request_id``'s KV over its channel: receive it."""
         inc = self._incoming.get(request_id)
         if inc is None or inc.aborted:
             raise TransferFailed(f"no reservation for {request_id} (expired or aborted)")
-        offer = None
-        if not (sender_has_channel and self._has_channel(src)):
-            self.pool.invalidate(src)
-            listener = ChannelListener(self.info.host, f"{src.instance_id}->{self.info.instance_id}",
-                                       self.info.epoch)
-            with self._rv_lock:
-                self._rendezvous[src] = lambda: listener.accept(src.instance_id, self.timeout)
-            offer = ChannelOffer(listener.address, self.timeout)
+        if inc.receiving or inc.arrived.is_set():
+            raise TransferFailed(f"{request_id}: a transfer was already started")
         plan = TransferPlan(request_id, inc.block_ids, inc.block_ids, 0, self.layout.num_layers,
                             src_layout, self.layout, self.compress, inc.transfer_id)
         inc.receiving = True
         threading.Thread(target=self._receive, args=(inc, src, plan), daemon=True).start()
-        return offer
 
     def _receive(self, inc: _Incoming, src: PeerId, plan: TransferPlan) -> None:
         try:

@@ -99,6 +99,10 @@ class TPRunner(ModelRunner):
 
 
 class TPEngine(Engine):
+    """An ``Engine`` whose model runs on ``parallel.tp`` ranks; call ``close()`` (or use it as a
+    context manager) to stop the ranks. Raises ``ValueError`` for a TP degree the model's
+    heads do not allow, ``TPError`` when ranks cannot be placed or started."""
+
     def __init__(self, config: EngineConfig, parallel: ParallelConfig | None = None) -> None:
         parallel = parallel or ParallelConfig()
         mcfg = config.model
@@ -222,6 +226,7 @@ class TPEngine(Engine):
                     listen=listen,
                     timeout_s=p.timeout_s,
                     startup_timeout_s=p.startup_timeout_s,
+                    shm_bytes=p.shm_bytes,
                 )
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 box["error"] = e
@@ -263,9 +268,8 @@ class TPEngine(Engine):
 
     # ---- per-step transports -----------------------------------------------------------------
     def _send_gloo(self, msg: StepMessage) -> None:
-        header, payload = msg.pack()
-        self.group.send_control(header)
-        self.group.send_control(payload)
+        for frame in msg.frames():
+            self.group.send_control(frame)
 
     def _send_ray(self, msg: StepMessage) -> None:
         import ray
@@ -333,7 +337,7 @@ class TPEngine(Engine):
 
             if healthy and self._loops:
                 with contextlib.suppress(Exception):  # let serve() return; killed below anyway
-                    self.group.send_control(StepMessage.stop_header())
+                    self.group.send_control(StepMessage.stop_frame())
                     ray.wait(self._loops, num_returns=len(self._loops), timeout=5)
             for w in self.workers:
                 ray.kill(w, no_restart=True)

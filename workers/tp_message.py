@@ -9,8 +9,10 @@ receiver can size the payload buffer) and the payload, all fields back to back::
               | decode_context_lens[D] | cu_seqlens[P+1] | prefix_lens[P]
               | prefill_block_tables[P*Wp] | sample_idx[S]
 
-T tokens, D decodes, P prefill chunks, Wd/Wp block-table widths, S sampled rows. A decode step
-of 16 requests at 1k context is ~9 KB. ``kind`` 0 tells the ranks to stop.
+T tokens, D decodes, P prefill chunks, Wd/Wp block-table widths, S sampled rows. On the wire
+it is one fixed 16 KB frame (header + payload head: a whole decode step of 16 requests at 1k
+context fits), and a second broadcast for the rest only when it does not fit, so a typical
+step costs rank 0 one broadcast. ``kind`` 0 tells the ranks to stop.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from .model import AttnMetadata
 
 HEADER_WORDS = 8
+FRAME_WORDS = 2048  # one broadcast carries a step of 16 decodes at up to ~1.8k tokens each
 STEP, STOP = 1, 0
 
 
@@ -60,9 +63,27 @@ class StepMessage:
         payload = torch.cat([p.detach().to("cpu", torch.int64) for p in parts])
         return header, payload
 
+    def frames(self) -> list[torch.Tensor]:
+        """What goes on the wire: one fixed ``FRAME_WORDS`` frame (header + the payload's head),
+        plus the payload's tail only when it does not fit (long block tables)."""
+        header, payload = self.pack()
+        first = torch.zeros(FRAME_WORDS, dtype=torch.int64)
+        k = min(payload.numel(), FRAME_WORDS - HEADER_WORDS)
+        first[:HEADER_WORDS] = header
+        first[HEADER_WORDS : HEADER_WORDS + k] = payload[:k]
+        return [first] if k == payload.numel() else [first, payload[k:].clone()]
+
     @staticmethod
-    def stop_header() -> torch.Tensor:
-        return torch.zeros(HEADER_WORDS, dtype=torch.int64)
+    def stop_frame() -> torch.Tensor:
+        return torch.zeros(FRAME_WORDS, dtype=torch.int64)
+
+    @staticmethod
+    def split_frame(first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(header, payload head, words still to receive)`` of a received first frame."""
+        header = first[:HEADER_WORDS]
+        n = StepMessage.payload_words(header) if header[0].item() == STEP else 0
+        k = min(n, FRAME_WORDS - HEADER_WORDS)
+        return header, first[HEADER_WORDS : HEADER_WORDS + k], n - k
 
     @staticmethod
     def payload_words(header: torch.Tensor) -> int:

@@ -27,7 +27,7 @@ from .model import LlamaModel
 from .parallel import ParallelConfig, TPGroup
 from .runner import ModelRunner
 from .tp_layout import vocab_range
-from .tp_message import HEADER_WORDS, STOP, StepMessage
+from .tp_message import FRAME_WORDS, STOP, StepMessage
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class TPWorker:
             port,
             timeout_s=parallel.timeout_s,
             startup_timeout_s=parallel.startup_timeout_s,
+            shm_bytes=parallel.shm_bytes,
         )
         self.model = load_shard(cfg, rank, parallel.tp, self.group, parallel.vocab_parallel)
         self.runner = ModelRunner(self.model, cache)
@@ -97,14 +98,17 @@ class TPWorker:
 
     def serve(self) -> int:
         """Gloo transport: run step messages until rank 0 sends STOP; returns the step count."""
-        header = torch.empty(HEADER_WORDS, dtype=torch.int64)
+        first = torch.empty(FRAME_WORDS, dtype=torch.int64)
         try:
             while True:
-                self.group.recv_control(header, idle=True)
+                self.group.recv_control(first, idle=True)
+                header, payload, missing = StepMessage.split_frame(first)
                 if header[0].item() == STOP:
                     return self.num_steps
-                payload = torch.empty(StepMessage.payload_words(header), dtype=torch.int64)
-                self.group.recv_control(payload)
+                if missing:
+                    tail = torch.empty(missing, dtype=torch.int64)
+                    self.group.recv_control(tail)
+                    payload = torch.cat([payload, tail])
                 self._run(StepMessage.unpack(header, payload))
         except BaseException:
             self._die()

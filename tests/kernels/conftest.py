@@ -5,7 +5,8 @@ set before any ``@triton.jit`` decoration, hence here, at import; it only change
 runs kernels, and nothing else calls Triton on CPU unless ``PDSERVE_KERNELS=triton``, which
 the ``triton`` fixture sets per test (monkeypatch), so other test folders are unaffected.
 (``kernels.dispatch.runnable`` also re-wraps kernels decorated before this ran.) With a GPU
-the same tests run the compiled kernels on CUDA tensors.
+the same tests run the compiled kernels on CUDA tensors. The folder is a package so that this
+conftest does not replace the ``conftest`` module other folders import helpers from.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ ATOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 2**-7}
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def default_device(device):
+    """Tensors made without a device land on ``device`` (so the reject tests reach the
+    Triton path's own checks on a GPU too)."""
+    torch.set_default_device(device)
+    yield device
+    torch.set_default_device(None)
 
 
 @pytest.fixture

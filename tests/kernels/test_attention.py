@@ -139,16 +139,16 @@ def _decode_args(device, dtype=FP32):
     ({"q": torch.zeros(2, 64, 4).transpose(1, 2)}, "contiguous"),
     ({"k_cache": torch.zeros(4, 2, 16, 64).transpose(1, 2)}, "contiguous"),
 ])
-def test_paged_decode_attention_rejects(bad, match, force_triton):
-    args = _decode_args(torch.device("cpu"))
-    args.update(bad)
+def test_paged_decode_attention_rejects(bad, match, force_triton, default_device):
+    args = _decode_args(default_device)
+    args.update({name: t.to(default_device) for name, t in bad.items()})  # keeps strides
     if "k_cache" in bad:
-        args["v_cache"] = bad["k_cache"]
+        args["v_cache"] = args["k_cache"]
     with pytest.raises(ValueError, match=match):
         A.paged_decode_attention(**args)
 
 
-def test_varlen_prefill_attention_rejects(force_triton):
+def test_varlen_prefill_attention_rejects(force_triton, default_device):
     q, k = torch.zeros(5, 4, 64), torch.zeros(5, 2, 64)
     cu, pre = torch.tensor([0, 5], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
     with pytest.raises(ValueError, match="token counts"):

@@ -7,7 +7,9 @@ import torch
 from pdserve.kernels import blocks
 
 
-@pytest.mark.parametrize("num_blocks,ids", [(1, [0]), (7, [6, 0, 3]), (257, list(range(256, 0, -3)))])
+@pytest.mark.parametrize(
+    "num_blocks,ids", [(1, [0]), (7, [6, 0, 3]), (257, list(range(256, 0, -3)))]
+)
 @pytest.mark.parametrize("layer", [None, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_gather_scatter_blocks(num_blocks, ids, layer, dtype, device, force_triton):
@@ -24,7 +26,7 @@ def test_gather_scatter_blocks(num_blocks, ids, layer, dtype, device, force_trit
     assert torch.equal(kv, kv_ref)
 
 
-def test_blocks_reject(force_triton):
+def test_blocks_reject(force_triton, default_device):
     kv, ids = torch.zeros(2, 2, 5, 4, 2, 8), torch.tensor([1, 3])
     with pytest.raises(ValueError, match="layers, 2, blocks"):
         blocks.gather_blocks(kv[0], ids)

@@ -17,6 +17,10 @@ def test_use_triton_modes(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_KERNELS, "torch")
     assert dispatch.use_triton(t) is False
     monkeypatch.setenv(dispatch.ENV_KERNELS, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dispatch.use_triton(t)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.use_triton(t) is True
     monkeypatch.setenv(dispatch.ENV_KERNELS, "fast")
     with pytest.raises(ValueError, match="expected one of"):

@@ -59,7 +59,7 @@ def test_quantize_kv_rounds_half_to_even(per, device, force_triton):
     assert torch.equal(q.flatten()[:8], want)
 
 
-def test_quantize_kv_rejects(force_triton):
+def test_quantize_kv_rejects(force_triton, default_device):
     x = torch.zeros(4, 2, 8)
     with pytest.raises(ValueError, match="per="):
         kv_quant.quantize_kv(x, "head")

@@ -23,7 +23,7 @@ def test_store_kv(num_blocks, bs, tokens, dtype, device, force_triton):
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)  # a copy is exact
 
 
-def test_store_kv_rejects(force_triton):
+def test_store_kv_rejects(force_triton, default_device):
     k, kc = torch.zeros(3, 2, 8), torch.zeros(4, 4, 2, 8)
     slots = torch.arange(3)
     with pytest.raises(ValueError, match="tokens, kv_heads, dim"):

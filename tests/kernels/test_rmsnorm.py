@@ -27,7 +27,7 @@ def test_add_rmsnorm(tokens, hidden, with_residual, dtype, device, force_triton,
         assert torch.equal(new_res, ref_res)
 
 
-def test_add_rmsnorm_rejects(force_triton):
+def test_add_rmsnorm_rejects(force_triton, default_device):
     x, w = torch.zeros(3, 8), torch.ones(8)
     with pytest.raises(ValueError, match="tokens, hidden"):
         rmsnorm.add_rmsnorm(x[0], None, w, 1e-5)

@@ -30,7 +30,7 @@ def test_apply_rope(d, scaling, h, hkv, dtype, device, force_triton, assert_clos
     assert_close(k, k_ref, k32)
 
 
-def test_apply_rope_rejects(force_triton):
+def test_apply_rope_rejects(force_triton, default_device):
     q, k, pos = torch.zeros(3, 2, 8), torch.zeros(3, 1, 8), torch.arange(3)
     cs = rope.build_cos_sin(rope.rope_frequencies(8, 10000.0, None), 16)
     with pytest.raises(ValueError, match="token counts"):

@@ -207,3 +207,14 @@ def test_smollm2_tp2_matches_tp1():
     with TPEngine(cfg, tp(2, cpus_per_rank=1.0)) as e:
         got = generate(e, ids, n=24)
     assert got == ref
+
+
+def test_tp2_gloo_only_collectives(tiny_model_factory):
+    """shm_bytes=0: every all-reduce and the logit gather over gloo (the CUDA-like path)."""
+    path = tiny_model_factory("llama", **SHAPES["gqa-4h-2kv"])
+    ids = encode(path)[:4]
+    ref = hf_greedy(path, ids, N)
+    with TPEngine(config(path), tp(2, shm_bytes=0)) as e:
+        assert e.group.shm is None
+        got = generate(e, ids, stagger=2)
+    assert got == ref

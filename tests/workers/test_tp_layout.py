@@ -152,3 +152,32 @@ def test_tp1_runs_the_tp_path_without_ray(tiny_llama):
         while e.has_work:
             e.step()
     assert [r.output_ids for r in reqs] == hf_greedy(tiny_llama, ids, 6)
+
+
+def test_step_message_frames_one_broadcast_or_two():
+    from pdserve.workers.tp_message import FRAME_WORDS
+
+    for width in (4, 300):  # short block tables fit one frame; 16 x 300 blocks do not
+        nd = 16
+        meta = AttnMetadata(
+            positions=torch.arange(nd),
+            slot_mapping=torch.arange(nd) * 3,
+            num_decodes=nd,
+            decode_block_tables=torch.arange(nd * width, dtype=torch.int32).view(nd, width),
+            decode_context_lens=torch.full((nd,), 7, dtype=torch.int32),
+            cu_seqlens=torch.zeros(1, dtype=torch.int32),
+            prefix_lens=torch.zeros(0, dtype=torch.int32),
+            prefill_block_tables=torch.zeros(0, 1, dtype=torch.int32),
+            has_prefix=False,
+        )
+        msg = StepMessage(torch.arange(nd) + 100, meta, torch.arange(nd))
+        frames = msg.frames()
+        assert frames[0].numel() == FRAME_WORDS and len(frames) == (1 if width == 4 else 2)
+        header, head, missing = StepMessage.split_frame(frames[0])
+        payload = torch.cat([head, frames[1]]) if missing else head
+        assert missing == (frames[1].numel() if missing else 0)
+        assert torch.equal(payload, msg.pack()[1])
+        back = StepMessage.unpack(header, payload)
+        assert torch.equal(back.meta.decode_block_tables, meta.decode_block_tables)
+    stop_header, _, _ = StepMessage.split_frame(StepMessage.stop_frame())
+    assert stop_header[0].item() == 0
