@@ -12,7 +12,8 @@ setup: $(STAMP)
 	@command -v redis-server >/dev/null || { echo "[setup] installing redis-server (apt)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
 	  || echo "[setup] warning: could not install redis-server; Redis-backed features will be skipped"; }
-	@$(BIN)/pdserve fetch-model >/dev/null
+	@$(BIN)/pdserve fetch-model
+	@if [ -x deploy/fetch-helm.sh ]; then deploy/fetch-helm.sh >/dev/null || echo "[setup] warning: helm not fetched; chart tests will skip"; fi
 
 # pip runs again only when pyproject.toml changes (idempotent and fast when already done).
 $(STAMP): pyproject.toml
@@ -23,13 +24,23 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: setup
-	$(BIN)/pdserve chat
+	$(BIN)/pdserve up
 
+# The suite runs in a private network namespace (only `lo`, up) when we are root, so nothing a
+# test starts can reach or be reached from outside, and ports never collide with the host.
+NETNS := $(shell [ "$$(id -u)" = 0 ] && unshare -n true 2>/dev/null && echo yes)
 test: setup
+ifeq ($(NETNS),yes)
+	unshare -n -- sh -c 'ip link set lo up && exec $(BIN)/python -m pytest -q $(PYTEST_ARGS)'
+else
+	@echo "[test] not root or no unshare: running without a private network namespace"
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+endif
 
 bench: setup
 	$(BIN)/python benchmarks/engine.py --quick
+	@if [ -f benchmarks/transfer.py ]; then $(BIN)/python benchmarks/transfer.py --quick; fi
+	@if [ -f benchmarks/goodput.py ]; then $(BIN)/python benchmarks/goodput.py --quick; fi
 
 lint:
 	$(BIN)/ruff check .

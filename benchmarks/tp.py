@@ -119,7 +119,11 @@ def measure(path: Path, parallel: ParallelConfig, args) -> dict:
     )
     t0 = time.perf_counter()
     e = make_engine(cfg, parallel)
-    label = f"tp={parallel.tp} {parallel.transport} vocab_parallel={parallel.vocab_parallel}"
+    label = f"tp={parallel.tp}"
+    if parallel.tp > 1:
+        coll = "shm" if parallel.shm_bytes else "gloo"
+        head = "vocab-parallel" if parallel.vocab_parallel else "rank-0"
+        label += f" messages={parallel.transport} collectives={coll} lm_head={head}"
     progress(f"{label}: ready in {time.perf_counter() - t0:.1f}s")
     rng = random.Random(0)
     try:
@@ -194,6 +198,7 @@ def main() -> None:
         "b16_prompt": args.b16_prompt,
         "threads_per_rank": 1,
         "load_average_at_start": round(load, 2),
+        "load_average_at_end": round(os.getloadavg()[0], 2),
         "machine": machine(),
     }
     write_result("tp", result)

@@ -18,6 +18,7 @@ from pdserve.workers.deployment import PoolWorker
 from pdserve.workers.model_store import DEFAULT_MODEL, resolve_model
 
 from .config import AppConfig
+from .metadata import IndexPublisher
 
 STATS_PERIOD_S = 0.5  # how often replicas report routing stats to the routers
 
@@ -31,13 +32,15 @@ def _pool(cfg: AppConfig, role: str, model_path: str, decode_handle=None):
         max_ongoing_requests=100_000,  # admission is the engine's bounded queue, not Serve's
         request_router_config=RequestRouterConfig(
             request_router_class=InstanceRouter,
-            request_router_kwargs={"policy": cfg.router.policy, "role": role},
+            request_router_kwargs={"policy": cfg.router.policy, "role": role,
+                                   "prefix_weight": cfg.router.prefix_weight},
             request_routing_stats_period_s=STATS_PERIOD_S,
             request_routing_stats_timeout_s=5.0,
         ),
         health_check_period_s=5.0,
         graceful_shutdown_timeout_s=5.0,
-    ).bind(cfg.to_dict(), role, model_path, decode_handle)
+    ).bind(cfg.to_dict(), role, model_path, decode_handle,
+           IndexPublisher(cfg.redis_url) if cfg.redis_url else None)
 
 
 def build_app(config: AppConfig | dict[str, Any] | None = None):

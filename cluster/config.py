@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 MODES = ("disaggregated", "colocated")
-POLICIES = ("least_loaded", "round_robin")
+POLICIES = ("prefix_aware", "least_loaded", "round_robin")
 
 
 class ConfigError(ValueError):
@@ -47,6 +47,7 @@ class PoolConfig:
     kv_cache_memory: int | None = None  # bytes per rank; None: derived from free RAM
     num_blocks: int | None = None  # overrides kv_cache_memory (tests)
     max_waiting: int = 256
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _need(self.replicas >= 1, f"replicas={self.replicas}: need at least 1")
@@ -70,7 +71,8 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int | None = None
-    policy: str = "least_loaded"
+    policy: str = "prefix_aware"
+    prefix_weight: float = 1.0  # prefix_aware: tokens of queue one cached token is worth
     retries: int = 1  # re-route a request whose prefill or transfer failed
     request_timeout_s: float = 600.0
 

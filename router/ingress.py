@@ -37,8 +37,15 @@ class Router:
         global _front
         mc = ModelConfig.from_path(model_path)
         r = app_config["router"]
+        index = None
+        if app_config.get("redis_url"):
+            from pdserve.cluster.metadata import MetadataStore
+
+            index = MetadataStore(app_config["redis_url"])
         orch = Orchestrator(app_config["mode"], prefill, decode, colocated,
-                            timeout_s=app_config["kv_transfer"]["timeout_s"], retries=r["retries"])
+                            timeout_s=app_config["kv_transfer"]["timeout_s"], retries=r["retries"],
+                            index=index, block_size=app_config["block_size"],
+                            salt=f"{mc.path}|{app_config['dtype']}")
         _front = Frontend(load_tokenizer(model_path), model_name, mc.max_position_embeddings,
                           mc.vocab_size, orch)
         self.front = _front

@@ -16,8 +16,11 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from pdserve.workers.block_manager import prefix_hashes, salt_hash
 from pdserve.workers.instance import NoCapacity
 from pdserve.workers.messages import Job, TokenChunk
+
+from .policy import RoutingHint
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +31,47 @@ class Unavailable(RuntimeError):
 
 class Orchestrator:
     def __init__(self, mode: str, prefill=None, decode=None, colocated=None,
-                 timeout_s: float = 30.0, retries: int = 1) -> None:
+                 timeout_s: float = 30.0, retries: int = 1, index=None,
+                 block_size: int = 16, salt: str = "") -> None:
         self.mode = mode
         self.prefill, self.decode, self.colocated = prefill, decode, colocated
         self.timeout = timeout_s
         self.retries = retries
-        self.stats = {"requests": 0, "retries": 0, "failures": 0}
+        self.index = index  # cluster.metadata.MetadataStore, or None: load-only routing
+        self.block_size = block_size
+        self.root = salt_hash(salt)
+        self.stats = {"requests": 0, "retries": 0, "failures": 0, "index_errors": 0,
+                      "prompt_tokens": 0, "index_hit_tokens": 0}
+        self._index_ok = True
+
+    async def hint(self, job: Job) -> RoutingHint:
+        """Which instances hold how much of this prompt (one Redis round trip). With Redis
+        down, routing continues on load alone (with a warning and a counter)."""
+        n = len(job.prompt_ids)
+        self.stats["prompt_tokens"] += n
+        if self.index is None:
+            return RoutingHint(n, {})
+        hashes = prefix_hashes(self.root, job.prompt_ids[: n - 1], self.block_size)
+        try:
+            blocks = await asyncio.to_thread(self.index.longest_prefix, hashes) if hashes else {}
+        except Exception as e:  # noqa: BLE001 - redis errors of any kind
+            self.stats["index_errors"] += 1
+            if self._index_ok:
+                log.warning("prefix index unavailable (%s): routing on load only", e)
+            self._index_ok = False
+            return RoutingHint(n, {})
+        if not self._index_ok:
+            log.warning("prefix index is back")
+        self._index_ok = True
+        cached = {i: b * self.block_size for i, b in blocks.items()}
+        self.stats["index_hit_tokens"] += max(cached.values(), default=0)
+        return RoutingHint(n, cached)
 
     async def run(self, job: Job) -> AsyncIterator[TokenChunk]:
         self.stats["requests"] += 1
         if self.mode == "colocated":
-            stream = self.colocated.options(stream=True).generate_full.remote(job)
+            hint = await self.hint(job)
+            stream = self.colocated.options(stream=True).generate_full.remote(job, routing=hint)
             try:
                 async for c in stream:
                     yield c
@@ -48,13 +81,13 @@ class Orchestrator:
         async for c in self._disaggregated(job):
             yield c
 
-    async def _reserve(self, job: Job):
+    async def _reserve(self, job: Job, hint: RoutingHint):
         """A decode reservation, waiting (bounded) while every decode instance is full."""
         deadline = time.monotonic() + self.timeout
         delay = 0.01
         while True:
             try:
-                return await self.decode.reserve.remote(job)
+                return await self.decode.reserve.remote(job, routing=hint)
             except NoCapacity:
                 if time.monotonic() + delay > deadline:
                     raise Unavailable("no decode instance has free KV blocks; retry later") from None
@@ -63,10 +96,11 @@ class Orchestrator:
 
     async def _disaggregated(self, job: Job) -> AsyncIterator[TokenChunk]:
         attempt = 0
+        hint = await self.hint(job)
         while True:
-            desc = await self._reserve(job)
+            desc = await self._reserve(job, hint)
             d_id = desc.decode.instance_id
-            pre = self.prefill.prefill.remote(job, desc)
+            pre = self.prefill.prefill.remote(job, desc, routing=hint)
             try:
                 res = await pre
             except asyncio.CancelledError:

@@ -24,8 +24,10 @@ class TargetGone(RuntimeError):
 
 
 class InstanceRouter(RequestRouter):
-    def initialize_state(self, policy: str = "least_loaded", role: str = "decode", **_) -> None:
-        self._policy = make_policy(policy)
+    def initialize_state(self, policy: str = "prefix_aware", role: str = "decode",
+                         prefix_weight: float = 1.0, **_) -> None:
+        self._policy = make_policy(policy, prefix_weight=prefix_weight) \
+            if policy == "prefix_aware" else make_policy(policy)
         self._role = role
         self._inflight: dict[str, int] = defaultdict(int)
         self._by_request: dict[str, str] = {}
@@ -47,7 +49,8 @@ class InstanceRouter(RequestRouter):
             return [candidate_replicas[:1]]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         cands = [Candidate(i, r.routing_stats or {}, self._inflight[i]) for i, r in by_id.items()]
-        return [[by_id[c.instance_id]] for c in self._policy.rank(self._role, cands)]
+        hint = pending_request.kwargs.get("routing") if pending_request is not None else None
+        return [[by_id[c.instance_id]] for c in self._policy.rank(self._role, cands, hint)]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         rid = replica_id.unique_id

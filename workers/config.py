@@ -106,6 +106,7 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     memory_bytes: int | None = None  # KV pool budget per rank; None: derived from free RAM
     num_blocks: int | None = None  # overrides memory_bytes (tests use tiny pools)
+    prefix_caching: bool = True  # keep finished requests' full blocks for reuse (LRU)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

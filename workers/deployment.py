@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 class PoolWorker:
     """Serve replica of one pool (prefill, decode or colocated)."""
 
-    def __init__(self, app_config: dict, role: str, model_path: str, decode_handle=None) -> None:
+    def __init__(self, app_config: dict, role: str, model_path: str, decode_handle=None,
+                 index_publisher=None) -> None:
         pool = app_config[role]
         threads = max(1, int(pool["cpus"]))
         torch.set_num_threads(threads)
@@ -36,7 +37,7 @@ class PoolWorker:
         cfg = EngineConfig(
             mc,
             CacheConfig(block_size=app_config["block_size"], memory_bytes=pool["kv_cache_memory"],
-                        num_blocks=pool["num_blocks"]),
+                        num_blocks=pool["num_blocks"], prefix_caching=pool["prefix_caching"]),
             SchedulerConfig(role=role, max_num_seqs=pool["max_num_seqs"],
                             max_num_batched_tokens=pool["max_num_batched_tokens"],
                             chunked_prefill=pool["chunked_prefill"],
@@ -51,13 +52,24 @@ class PoolWorker:
         self.inst = Instance(cfg, self.instance_id, host=_channel_host(),
                              transfer_timeout_s=kv["timeout_s"], compress=kv["compress"],
                              peers=_ServePeers(decode_handle, kv["timeout_s"]))
+        # The global prefix index (Redis) is optional and duck-typed: this package never
+        # imports cluster code; build_app hands us a publisher (cluster.metadata).
+        self.publisher = None
+        if index_publisher is not None:
+            inst = self.inst
+            self.publisher = index_publisher.start(
+                self.instance_id, role, inst.info.epoch,
+                lambda: inst.aengine.call(lambda e: e.blocks.cached_hashes()))
+            blocks = inst.engine.blocks
+            blocks.on_cached, blocks.on_evicted = self.publisher.cached, self.publisher.evicted
         log.info("pdserve %s instance %s ready", role, self.instance_id)
 
     # ---- control plane ---------------------------------------------------------------------
     async def info(self, target: str | None = None):
         return self.inst.info
 
-    async def reserve(self, job: Job, target: str | None = None) -> ReceiveDescriptor:
+    async def reserve(self, job: Job, target: str | None = None, routing=None
+                      ) -> ReceiveDescriptor:
         return self.inst.reserve(job)
 
     async def open_channel(self, src: PeerId, target: str | None = None) -> ChannelOffer:
@@ -67,8 +79,8 @@ class PoolWorker:
                      target: str | None = None) -> None:
         self.inst.expect(request_id, src, layout)
 
-    async def prefill(self, job: Job, desc: ReceiveDescriptor, target: str | None = None
-                      ) -> PrefillResult:
+    async def prefill(self, job: Job, desc: ReceiveDescriptor, target: str | None = None,
+                      routing=None) -> PrefillResult:
         return await self.inst.prefill(job, desc)
 
     async def generate(self, request_id: str, first_token: int, logprobs=None,
@@ -76,7 +88,8 @@ class PoolWorker:
         async for c in self.inst.generate(request_id, first_token, logprobs):
             yield c
 
-    async def generate_full(self, job: Job, target: str | None = None) -> AsyncIterator[TokenChunk]:
+    async def generate_full(self, job: Job, target: str | None = None, routing=None
+                            ) -> AsyncIterator[TokenChunk]:
         async for c in self.inst.generate_full(job):
             yield c
 
@@ -104,6 +117,9 @@ class PoolWorker:
             raise RuntimeError("engine loop thread died")
 
     def __del__(self) -> None:
+        pub = getattr(self, "publisher", None)
+        if pub is not None:
+            pub.stop()
         inst = getattr(self, "inst", None)
         if inst is not None:
             inst.shutdown()

@@ -39,7 +39,10 @@ class Engine:
         mcfg = config.model
         self.model = model or (runner.model if runner is not None else LlamaModel(mcfg))
         self.runner = runner or ModelRunner(self.model, config.cache)
-        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.blocks = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching,
+            salt=f"{mcfg.path}|{mcfg.dtype}",
+        )
         max_len = config.scheduler.max_model_len or mcfg.max_position_embeddings
         self.max_model_len = min(max_len, mcfg.max_position_embeddings)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len)
@@ -151,4 +154,6 @@ class Engine:
             "free_blocks": self.blocks.num_free,
             "total_blocks": self.blocks.num_blocks,
             "preemptions": self.scheduler.num_preemptions,
+            "cached_blocks": self.blocks.num_cached,
+            "prefix_hit_rate": self.blocks.hits / max(1, self.blocks.queries),
         }

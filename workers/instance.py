@@ -55,6 +55,7 @@ from .messages import (
     ReceiveDescriptor,
     TokenChunk,
 )
+from .request import Request
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class _Incoming:
     block_ids: list[int]
     transfer_id: int
     created: float
+    num_cached: int = 0  # leading blocks already held here (shared): not transferred
     arrived: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     receiving: bool = False  # a receive thread may be writing the blocks
@@ -227,10 +229,11 @@ class Instance:
                 continue
             if out.plan is None:
                 d = out.desc
-                nblk = len(d.block_ids)
+                k, nblk = d.num_cached, len(d.block_ids)
                 out.plan = TransferPlan(
-                    req.request_id, req.block_ids[:nblk], d.block_ids, 0, self.layout.num_layers,
-                    self.layout, d.decode.layout, self.compress, d.transfer_id,
+                    req.request_id, req.block_ids[k:nblk], d.block_ids[k:], 0,
+                    self.layout.num_layers, self.layout, d.decode.layout, self.compress,
+                    d.transfer_id,
                 )
                 if self.faults.get("stall_transfer", 0) > 0:
                     self.faults["stall_transfer"] -= 1
@@ -258,7 +261,8 @@ class Instance:
             # (source blocks are never read when cancelling) and cancel it, which sends
             # cancel messages so the receiver frees its blocks and the channel stays usable.
             d = out.desc
-            out.plan = TransferPlan(request_id, d.block_ids, d.block_ids, 0,
+            out.plan = TransferPlan(request_id, d.block_ids[d.num_cached:],
+                                    d.block_ids[d.num_cached:], 0,
                                     self.layout.num_layers, self.layout, d.decode.layout,
                                     self.compress, d.transfer_id)
             self.sender.begin(out.plan, {0: out.channel})
@@ -270,24 +274,31 @@ class Instance:
 
     # ---- decode role ---------------------------------------------------------------------------
     def reserve(self, job: Job) -> ReceiveDescriptor:
+        """Blocks for the prompt's KV. Leading blocks this instance already caches (a
+        multi-turn follow-up) are shared, not re-sent: the descriptor says how many."""
         bs = self.layout.block_size
         n = -(-len(job.prompt_ids) // bs)
 
-        def take(e: Engine) -> list[int]:
-            # keep room for the running batch to grow by one block each
-            if not e.blocks.can_allocate(n + len(e.scheduler.running)):
-                raise NoCapacity(f"{self.info.instance_id}: {e.blocks.num_free} free KV blocks, "
-                                 f"request needs {n}")
+        def take(e: Engine) -> tuple[list[int], int]:
             if len(job.prompt_ids) + 1 > e.max_model_len:
                 raise ValueError(f"prompt has {len(job.prompt_ids)} tokens; the limit is "
                                  f"{e.max_model_len - 1}")
-            return e.blocks.allocate_ids(n)
+            probe = Request(job.request_id, list(job.prompt_ids), job.params)
+            cached = e.blocks.match_prefix(probe) // bs
+            # keep room for the running batch to grow by one block each
+            if not e.blocks.can_allocate(n - cached + len(e.scheduler.running)):
+                if cached:
+                    e.blocks.unmatch(probe)
+                raise NoCapacity(f"{self.info.instance_id}: {e.blocks.num_free} free KV blocks, "
+                                 f"request needs {n - cached}")
+            return probe.block_ids + e.blocks.allocate_ids(n - cached), cached
 
-        ids = self.aengine.call(take)
-        inc = _Incoming(job, ids, next(self._transfer_ids), time.monotonic())
+        ids, cached = self.aengine.call(take)
+        inc = _Incoming(job, ids, next(self._transfer_ids), time.monotonic(), cached)
         self._incoming[job.request_id] = inc
         threading.Timer(self.timeout, self._expire, (job.request_id, inc)).start()
-        return ReceiveDescriptor(job.request_id, self.info, ids, inc.transfer_id, self.timeout)
+        return ReceiveDescriptor(job.request_id, self.info, ids, inc.transfer_id, self.timeout,
+                                 cached)
 
     def open_channel(self, src: PeerId) -> ChannelOffer:
         """A prefill rank wants a (new) channel: drop any old one to it, open a listener and
@@ -314,7 +325,9 @@ class Instance:
             raise TransferFailed(f"no reservation for {request_id} (expired or aborted)")
         if inc.receiving or inc.arrived.is_set():
             raise TransferFailed(f"{request_id}: a transfer was already started")
-        plan = TransferPlan(request_id, inc.block_ids, inc.block_ids, 0, self.layout.num_layers,
+        # The sender's block ids never matter to the receiver: pass ours for both sides.
+        mine = inc.block_ids[inc.num_cached:]
+        plan = TransferPlan(request_id, mine, mine, 0, self.layout.num_layers,
                             src_layout, self.layout, self.compress, inc.transfer_id)
         inc.receiving = True
         threading.Thread(target=self._receive, args=(inc, src, plan), daemon=True).start()
@@ -389,6 +402,7 @@ class Instance:
                 self.info.instance_id, self.role, len(s.running), len(s.waiting),
                 e.blocks.num_free, e.blocks.num_blocks, queued,
                 sum(len(i.block_ids) for i in self._incoming.values()),
+                e.blocks.hits, e.blocks.queries,
             )
 
         return self.aengine.call(read)

@@ -41,6 +41,7 @@ class ReceiveDescriptor:
     block_ids: list[int]
     transfer_id: int  # unique among this decode instance's transfers in flight
     deadline_s: float  # seconds the reservation waits for the KV before it frees the blocks
+    num_cached: int = 0  # leading blocks the decode instance already holds: not sent
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ class InstanceStats:
     total_blocks: int
     queued_prefill_tokens: int  # prompt tokens waiting or mid-prefill
     reserved_blocks: int = 0  # decode: held for incoming transfers
+    prefix_hit_tokens: int = 0  # prompt tokens served from the local prefix cache
+    prefix_query_tokens: int = 0  # prompt tokens looked up in it
 
     def as_routing_stats(self) -> dict[str, float | str]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -61,6 +61,8 @@ class Request:
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in this instance's cache
     block_ids: list[int] = field(default_factory=list)  # owned by the BlockManager
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of full blocks (memo)
+    num_cached_blocks: int = 0  # leading blocks already published to the prefix cache
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "prefilled"
     arrival_time: float = field(default_factory=time.monotonic)

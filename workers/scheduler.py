@@ -116,6 +116,7 @@ class Scheduler:
             req = self.waiting[0]
             if chosen and not cfg.packed_prefill and any(r.in_prefill for r, _ in chosen):
                 break
+            matched = self.blocks.match_prefix(req)
             n = req.num_pending
             if n > budget:
                 if cfg.chunked_prefill:
@@ -124,6 +125,8 @@ class Scheduler:
                     break  # an unchunked prompt waits for a step of its own
             need = self.blocks.num_missing(req, req.num_computed + n)
             if not self.blocks.can_allocate(need):
+                if matched:
+                    self.blocks.unmatch(req)
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.blocks.allocate(req, req.num_computed + n)
@@ -154,6 +157,7 @@ class Scheduler:
         self.running.remove(req)
         self.blocks.free(req)
         req.num_computed = 0
+        req.num_cached_blocks = 0
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -170,6 +174,7 @@ class Scheduler:
         outs = []
         for req, n, tok, lp in zip(batch.requests, batch.num_new, tokens, logprobs):
             req.num_computed += n
+            self.blocks.commit_full_blocks(req)
             if tok is None:
                 continue
             req.output_ids.append(tok)
