@@ -24,6 +24,10 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine()}
 
 
-def write_result(name: str, data: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
+def write_result(name: str, data: dict, folder: Path | None = None) -> Path:
+    """Write ``data`` as ``<folder>/<name>.json`` (default: benchmarks/results/)."""
+    folder = RESULTS if folder is None else Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path

@@ -91,11 +91,14 @@ async def send(client: httpx.AsyncClient, target: Target, spec: RequestSpec, t_a
 
 async def run_schedule(target: Target, specs: Sequence[RequestSpec], arrivals: Sequence[float],
                        deadline: Callable[[RequestSpec], float | None],
-                       on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+                       on_done: Callable[[Outcome], None] | None = None,
+                       transport: httpx.AsyncBaseTransport | None = None) -> list[Outcome]:
     """Send ``specs[i]`` at ``arrivals[i]`` seconds from now (Poisson offsets); return the
-    outcomes in request order once every request finished or passed its deadline."""
+    outcomes in request order once every request finished or passed its deadline.
+    (``transport``: for tests.)"""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits,
+                                 transport=transport) as client:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
 

@@ -48,9 +48,16 @@ def free_port() -> int:
 
 
 def server_cores(cpus: int) -> set[int] | None:
-    """Cores 0..cpus-1 when the machine has more; None when the servers get every core."""
-    total = os.cpu_count() or cpus
-    return set(range(cpus)) if total > cpus else None
+    """The first ``cpus`` of the cores this process may use, when there are more; None when
+    the servers get every core (as on a 2-core machine)."""
+    avail = sorted(os.sched_getaffinity(0))
+    return set(avail[:cpus]) if len(avail) > cpus else None
+
+
+def core_list(cores: set[int] | None, cpus: int) -> str:
+    """``cores`` as a CPU list (``0-1``, ``4,6``) for OMP-style binding."""
+    c = sorted(cores) if cores else list(range(cpus))
+    return f"{c[0]}-{c[-1]}" if c == list(range(c[0], c[-1] + 1)) else ",".join(map(str, c))
 
 
 @dataclass
@@ -83,16 +90,21 @@ class System(ABC):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"{self.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         cores = server_cores(self.cpus)
-        log = open(self.log_path, "wb")
+        mine = os.sched_getaffinity(0)
+        # Children inherit the CPU affinity at fork: take the servers' cores just for the
+        # spawn (no preexec_fn: that is unsafe with threads, and tqdm runs one).
+        if cores:
+            os.sched_setaffinity(0, cores)
         try:
-            # A new session: the server and every process it starts share one process group
-            # that stop() can reach even after the leader exits.
-            self.proc = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=REPO,
-                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+            with open(self.log_path, "wb") as log:
+                # A new session: the server and every process it starts share one process
+                # group that stop() can reach even after the leader exits.
+                self.proc = subprocess.Popen(
+                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
         finally:
-            log.close()
+            if cores:
+                os.sched_setaffinity(0, mine)
         base = f"http://{LOOPBACK}:{port}"
         try:
             self._wait_ready(base)
@@ -113,7 +125,7 @@ class System(ABC):
                         return
                 except httpx.HTTPError:
                     pass
-            time.sleep(1.0)
+            time.sleep(0.5)
         raise SystemUnavailable(f"{self.name} did not serve within {self.start_timeout_s:.0f} s; "
                                 f"log {self.log_path}:\n{self.log_tail()}")
 
@@ -245,7 +257,8 @@ class VllmSystem(System):
     def command(self, port: int) -> tuple[list[str], dict[str, str]]:
         import vllm_cpu
 
-        cmd, extra = vllm_cpu.serve_command(self.bench_dir, self.model_dir, port, self.cpus,
+        cmd, extra = vllm_cpu.serve_command(self.bench_dir, self.model_dir, port,
+                                            core_list(server_cores(self.cpus), self.cpus),
                                             self.max_model_len, self.eager)
         return cmd, {**_clean_env(), **extra}
 

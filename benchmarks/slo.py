@@ -65,7 +65,11 @@ def attainment(outcomes: Sequence[Outcome], slo: SLO) -> float:
 @dataclass(frozen=True)
 class Goodput:
     rate: float  # req/s for the whole system
-    censored: bool  # True: every measured rate met the target, so this is a lower bound
+    # None: the 90% crossing lies between two measured rates. "lower": every measured rate met
+    # the target, so the true goodput is at least ``rate``. "upper": none did, so the true
+    # goodput is below the lowest measured rate and ``rate`` is interpolated towards an idle
+    # system.
+    bound: str | None = None
 
 
 def goodput(points: Iterable[tuple[float, float]], target: float = TARGET) -> Goodput:
@@ -75,9 +79,9 @@ def goodput(points: Iterable[tuple[float, float]], target: float = TARGET) -> Go
     pts = [(0.0, 1.0), *sorted((r, a) for r, a in points if r > 0)]
     best = max(i for i, (_, a) in enumerate(pts) if a >= target)
     if best == len(pts) - 1:
-        return Goodput(pts[best][0], censored=len(pts) > 1)
+        return Goodput(pts[best][0], "lower" if len(pts) > 1 else None)
     (r0, a0), (r1, a1) = pts[best], pts[best + 1]
-    return Goodput(r0 + (a0 - target) * (r1 - r0) / (a0 - a1), censored=False)
+    return Goodput(r0 + (a0 - target) * (r1 - r0) / (a0 - a1), "upper" if best == 0 else None)
 
 
 def reference(unloaded: dict[str, Latency]) -> tuple[Latency, dict[str, str]]:

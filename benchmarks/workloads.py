@@ -17,12 +17,18 @@ Source figures (tokens unless said otherwise):
 
 Only means (and ranges) are published, so the shapes are ours: lognormal lengths with the
 published mean, a shape ``sigma`` that gives the long right tail of the published histograms,
-clipped to a range that fits the context.
+clipped to a range that fits the context (the clip trims the tail, so sampled means sit a
+little under the targets: chatbot outputs average ~150 tokens against 169).
 
 Scaling. Every length of a workload is multiplied by one factor, so the ratio of prefill to
 decode work (what disaggregation is about) stays that of the dataset: 0.5 for chatbot and
 summarization (a ShareGPT-length answer takes ~10 s to decode at CPU speeds, which would make
-a sweep take hours), 1.0 for code (already short). Request rates are chosen for 2 cores.
+a sweep take hours), 1.0 for code (already short).
+
+Request rates are for 2 cores, bracketing where the baselines saturate: vLLM-CPU decodes ~272
+tokens/s with 16 requests in flight (BASELINES.md), i.e. ~1.8 chatbot requests/s of ~150
+output tokens; code requests are ~2.5x shorter; a summarization request is a ~1k-token prefill
+(~0.5 s of one core) plus ~150 decoded tokens. ``--rates`` overrides the sweeps.
 
 SLOs (see ``slo.py``): TTFT SLO = k1 × unloaded TTFT of a median prompt, TPOT SLO = k2 ×
 unloaded TPOT. k1, k2 follow DistServe's absolute SLOs divided by our estimate of the unloaded

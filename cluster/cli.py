@@ -4,6 +4,8 @@
     pdserve generate --prompt TEXT   one completion, streamed to stdout
     pdserve chat                     an interactive chat in the terminal (streaming)
     pdserve up [--config FILE]       start the cluster: Ray, Redis, the Serve app (Ctrl-C stops)
+    pdserve profile --model M        measure step latencies, fit a latency model (JSON)
+    pdserve plan --workload W ...    size the pools for the highest goodput (writes a config)
 """
 
 from __future__ import annotations
@@ -159,6 +161,18 @@ def cmd_up(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .plan_command import profile_main
+
+    return profile_main(args)
+
+
+def cmd_plan(args) -> int:
+    from .plan_command import plan_main
+
+    return plan_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pdserve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,6 +196,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat in the terminal")
     _engine_args(p)
     p.set_defaults(fn=cmd_chat)
+    p = sub.add_parser("profile", help="measure step latencies and fit a latency model")
+    p.add_argument("--model", default=None, help="local HF folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (Ray actors if > 1)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs (torch threads) per TP rank")
+    p.add_argument("--quick", action="store_true", help="a small grid, one repeat")
+    p.add_argument("--no-transfer", action="store_true", help="skip the KV-transfer probe")
+    p.add_argument("--kv-cache-memory", type=_size, default=None,
+                   help="KV pool per rank the pools will run with (default: engine default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON file (default: <cache>/profiles/...)")
+    p.set_defaults(fn=cmd_profile)
+    p = sub.add_parser("plan", help="pick TP and replicas per pool for the highest goodput")
+    p.add_argument("--workload", required=True,
+                   help="chatbot | code | summarization | a workload YAML/JSON file")
+    p.add_argument("--ttft-slo", type=float, required=True, help="seconds")
+    p.add_argument("--tpot-slo", type=float, required=True, help="seconds")
+    p.add_argument("--cpus", type=float, required=True, help="device budget: CPUs in all")
+    p.add_argument("--profile", action="append", default=None,
+                   help="a `pdserve profile` JSON (repeat for several TP degrees)")
+    p.add_argument("--model", default=None, help="find its profiles in the cache (no --profile)")
+    p.add_argument("--tp", default=None, help="TP degrees to consider, e.g. 1,2; unprofiled "
+                   "ones are extrapolated (default: the model's valid degrees up to 4)")
+    p.add_argument("--mode", choices=["both", "disaggregated", "colocated"], default="both")
+    p.add_argument("--rate", type=float, default=None, help="target req/s: fewest CPUs reaching it")
+    p.add_argument("--requests", type=int, default=400, help="simulated requests per rate")
+    p.add_argument("--verify", type=int, default=4, help="plans per mode simulated whole")
+    p.add_argument("--top", type=int, default=5, help="plans to print")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transfer-bandwidth", type=_size, default=None,
+                   help="KV transfer bytes/s between instances (default: the profile's)")
+    p.add_argument("--transfer-latency", type=float, default=None, help="seconds per transfer")
+    p.add_argument("--out", default="plan.yaml", help="cluster config to write")
+    p.set_defaults(fn=cmd_plan)
     return ap
 
 

@@ -70,16 +70,49 @@ class KVTransferConfig:
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    grpc_port: int | None = None
+    grpc_port: int | None = None  # Ray Serve's gRPC proxy (it listens on every interface)
     policy: str = "prefix_aware"
     prefix_weight: float = 1.0  # prefix_aware: tokens of queue one cached token is worth
     retries: int = 1  # re-route a request whose prefill or transfer failed
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # per request, queueing included; clients may ask for less
+    api_keys: tuple[str, ...] = ()  # plus PDSERVE_API_KEYS; none: the API is open
+    admin_token: str | None = None  # or PDSERVE_ADMIN_TOKEN; none: admin endpoints disabled
+    allow_public_without_keys: bool = False  # serve beyond loopback with no keys (explicit only)
+    max_queue: int = 64  # per pool: requests waiting beyond what it runs; more get 429
+    queue_timeout_s: float = 30.0  # longest wait in a pool's queue before a 429
+    retry_after_s: int = 1  # the Retry-After that 429s carry
+    max_body_bytes: int = 4 << 20  # HTTP request bodies larger than this get 413
 
     def __post_init__(self) -> None:
         _need(self.policy in POLICIES, f"router.policy={self.policy!r}: choose one of "
               f"{', '.join(POLICIES)}")
         _need(0 <= self.port < 65536, f"router.port={self.port} is not a port")
+        _need(self.grpc_port is None or 0 < self.grpc_port < 65536,
+              f"router.grpc_port={self.grpc_port} is not a port")
+        keys = self.api_keys
+        if isinstance(keys, str):  # YAML "a,b" or one key
+            keys = keys.split(",")
+        object.__setattr__(self, "api_keys", tuple(k.strip() for k in keys if k and k.strip()))
+        _need(self.request_timeout_s > 0 and self.queue_timeout_s > 0,
+              "router.request_timeout_s and router.queue_timeout_s must be positive")
+        _need(self.max_queue >= 0, f"router.max_queue={self.max_queue}: must be >= 0")
+        _need(self.retry_after_s >= 1, f"router.retry_after_s={self.retry_after_s}: must be >= 1")
+        _need(self.max_body_bytes >= 1024,
+              f"router.max_body_bytes={self.max_body_bytes}: must be at least 1024")
+        self._check_exposure()
+
+    def _check_exposure(self) -> None:
+        """With no API keys, serve on loopback only unless explicitly allowed."""
+        from pdserve import envs
+
+        if self.api_keys or envs.api_keys() or self.allow_public_without_keys:
+            return
+        hint = ("set router.api_keys (or PDSERVE_API_KEYS), or router.allow_public_without_keys: "
+                "true to serve without authentication")
+        _need(is_loopback(self.host), f"router.host={self.host} is not a loopback address and no "
+              f"API keys are configured; {hint}")
+        _need(self.grpc_port is None, f"router.grpc_port={self.grpc_port}: Ray Serve's gRPC proxy "
+              f"listens on every interface, and no API keys are configured; {hint}")
 
 
 @dataclass(frozen=True)
@@ -162,6 +195,10 @@ class AppConfig:
             raise ConfigError(f"{p} is not valid YAML: {e}") from None
         _need(isinstance(d, dict), f"{p}: the top level must be a mapping")
         return cls.from_dict(merge(d, overrides or {}))
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def merge(base: dict, over: dict) -> dict:

@@ -13,6 +13,7 @@ PDSERVE_CACHE = "PDSERVE_CACHE"  # where models are fetched/converted (default ~
 PDSERVE_KERNELS = "PDSERVE_KERNELS"  # auto | triton | torch
 PDSERVE_API_KEYS = "PDSERVE_API_KEYS"  # comma-separated API keys for the HTTP/gRPC APIs
 PDSERVE_ADMIN_TOKEN = "PDSERVE_ADMIN_TOKEN"  # token for admin/console controls
+PDSERVE_API_KEY = "PDSERVE_API_KEY"  # the key ``pdserve client`` / ``pdserve.client`` send
 PDSERVE_LOG_LEVEL = "PDSERVE_LOG_LEVEL"  # python logging level name (default INFO)
 
 
@@ -22,3 +23,16 @@ def cache_dir() -> Path:
 
 def log_level() -> str:
     return os.environ.get(PDSERVE_LOG_LEVEL, "INFO").upper()
+
+
+def api_keys() -> list[str]:
+    """The API keys in ``PDSERVE_API_KEYS`` (comma-separated; blanks dropped)."""
+    return [k.strip() for k in os.environ.get(PDSERVE_API_KEYS, "").split(",") if k.strip()]
+
+
+def admin_token() -> str | None:
+    return os.environ.get(PDSERVE_ADMIN_TOKEN) or None
+
+
+def client_api_key() -> str | None:
+    return os.environ.get(PDSERVE_API_KEY) or None

@@ -1,249 +1,364 @@
 """The router's HTTP API: OpenAI-compatible completions and chat completions (SSE streaming
-and non-streaming), models, health. The Serve ingress deployment in ``ingress.py`` mounts it.
+and non-streaming), models, health, and the admin stats. The Serve ingress deployment in
+``ingress.py`` mounts it; the request logic shared with gRPC lives in ``frontend.py``.
 
-Tokenizing, the chat template, incremental detokenization and stop strings happen here; the
-pools only see token ids. Errors use OpenAI's JSON error shape with a message saying what to
-fix; nothing a client sends can crash the router.
+Every error is OpenAI's JSON error shape with a status a client can act on: 400 (what to fix),
+401 (key), 403 (admin disabled), 404 (model or path), 408 (the client's ``X-Request-Timeout``
+passed), 413 (body size), 429 (+ ``Retry-After``), 503, 504 (the server's time limit passed).
+Nothing a client sends can crash the router.
+
+Order of checks for each request (``Guard``, a plain ASGI middleware, runs before routing and
+before the body is parsed, so an unauthenticated client learns nothing about the schema):
+    API key (/v1/...) or admin token (/admin/...)  →  body size  →  JSON schema (protocol.py)
+    →  model, context and vocabulary (frontend.py)  →  admission (admission.py)  →  generation
+
+A streaming request answers with its status only once its first token exists, so that
+overload, unavailability and pool errors before the first token are real status codes, not
+errors inside a 200 stream. A client that goes away aborts its request on every instance.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import AsyncIterator
+import resource
+from collections.abc import AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-
-from pdserve.workers.detokenizer import Detokenizer
 from pdserve.workers.messages import Job
-from pdserve.workers.request import SamplingParams
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .orchestrator import Orchestrator, Unavailable
-from .protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
+from pdserve import __version__
+
+from .errors import (
+    ApiError,
+    BadRequest,
+    InternalError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    describe_validation,
+    error_body,
+)
+from .frontend import Frontend, Piece
+from .protocol import ChatCompletionRequest, CompletionRequest, now
+
+__all__ = ["Frontend", "build_fastapi"]
 
 log = logging.getLogger(__name__)
 
+_ERROR_RESPONSES = {s: {"description": d} for s, d in [
+    (400, "invalid request (the message says what to fix)"), (401, "missing or invalid API key"),
+    (404, "unknown model"), (408, "the X-Request-Timeout passed"), (413, "body too large"),
+    (429, "a pool's queue is full (Retry-After)"), (503, "no instance can take the request"),
+    (504, "the server's time limit passed")]}
 
-class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+
+# Optional, but typed ``float`` rather than ``float | None``: the OpenAPI document must not
+# offer null, which a header cannot carry.
+_TIMEOUT_HEADER = Header(None, gt=0, description="seconds: a time limit for this request, "
+                         "below the server's (router.request_timeout_s)")
 
 
-class Frontend:
-    """Everything the HTTP handlers need: the tokenizer, limits and the orchestrator."""
+def _json_error(e: ApiError) -> JSONResponse:
+    headers = dict(e.headers)
+    if e.status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
-    def __init__(self, tokenizer, model_name: str, max_model_len: int, vocab_size: int,
-                 orchestrator: Orchestrator) -> None:
-        self.tok = tokenizer
-        self.model_name = model_name
-        self.max_model_len = max_model_len
-        self.vocab_size = vocab_size
-        self.orch = orchestrator
 
-    # ---- request → job -----------------------------------------------------------------------
-    def _params(self, body, prompt_len: int, default_max: int | None, logprobs: int | None
-                ) -> SamplingParams:
-        if body.model not in (None, self.model_name):
-            raise BadRequest(f"model {body.model!r} is not served here; use {self.model_name!r}",
-                             "model")
-        room = self.max_model_len - prompt_len
-        if room < 1:
-            raise BadRequest(f"the prompt has {prompt_len} tokens but this model's context is "
-                             f"{self.max_model_len} tokens; shorten the prompt", "messages")
-        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        if max_tokens is None:
-            max_tokens = room if default_max is None else min(default_max, room)
-        if max_tokens > room:
-            raise BadRequest(f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens "
-                             f"exceeds the context of {self.max_model_len}; use at most {room}",
-                             "max_tokens")
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                              top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-                              stop=tuple(body.stop), ignore_eos=body.ignore_eos, logprobs=logprobs)
+def _route_path(scope) -> str:
+    """The path inside the app (Serve mounts the app under its route prefix)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
-    def completion_job(self, body: CompletionRequest) -> Job:
-        if isinstance(body.prompt, str):
-            ids = self.tok(body.prompt)["input_ids"]
-        else:
-            ids = list(body.prompt)
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                raise BadRequest(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        if not ids:
-            raise BadRequest("the prompt tokenizes to nothing", "prompt")
-        return Job(new_id("cmpl"), ids, self._params(body, len(ids), 16, body.logprobs))
 
-    def chat_job(self, body: ChatCompletionRequest) -> Job:
-        msgs = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                for m in body.messages]
+class Guard:
+    """ASGI middleware: authentication and the body size limit (see module doc)."""
+
+    def __init__(self, app, front_getter: Callable[[], Frontend]) -> None:
+        self.app = app
+        self.front_getter = front_getter
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = _route_path(scope)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            ids = list(self.tok.apply_chat_template(msgs, add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False))
-        except Exception as e:  # noqa: BLE001 - template errors are the client's input
-            raise BadRequest(f"the messages do not fit the model's chat template: {e}",
-                             "messages") from None
-        lp = (body.top_logprobs or 0) if body.logprobs else None
-        return Job(new_id("chatcmpl"), ids, self._params(body, len(ids), None, lp))
-
-    # ---- streaming text ------------------------------------------------------------------------
-    async def text_stream(self, job: Job) -> AsyncIterator[tuple[str, list, int, str | None]]:
-        """Yields (text delta, new logprob entries, output tokens so far, finish_reason)."""
-        detok = Detokenizer(self.tok, job.prompt_ids, job.params.stop)
-        gen = self.orch.run(job)
-        n_out = 0
-        try:
-            async for c in gen:
-                n_out = c.num_output_tokens
-                text = detok.add(c.token_ids, final=c.finished)
-                lps = [self._lp_entry(t, lp) for t, lp in zip(c.token_ids, c.logprobs)]
-                if detok.stopped:
-                    yield text, lps, n_out, "stop"
-                    return
-                yield text, lps, n_out, (c.finish_reason if c.finished else None)
-                if c.finished:
-                    return
-        finally:
-            await gen.aclose()
-
-    def _lp_entry(self, token: int, lp: dict[int, float]) -> dict:
-        return {"token": self.tok.decode([token]), "logprob": lp.get(token, 0.0),
-                "top": {self.tok.decode([t]): v for t, v in lp.items() if t != token or len(lp) > 1}}
+            front = _front(self.front_getter)
+            if path.startswith("/admin"):
+                front.auth.check_admin(headers.get("authorization"))
+            elif path.startswith("/v1"):
+                front.auth.check_key(headers.get("authorization"))
+            limit = front.max_body_bytes
+            length = headers.get("content-length")
+            if length is not None and not length.isdigit():
+                raise BadRequest(f"Content-Length {length!r} is not a number of bytes")
+            if length is not None and int(length) > limit:
+                raise PayloadTooLarge(f"the request body has {length} bytes; the limit is "
+                                      f"{limit} (router.max_body_bytes)")
+        except ApiError as e:
+            await _json_error(e)(scope, receive, send)
+            return
+        await self.app(scope, _capped(receive, limit), send)
 
 
-def _err(status: int, message: str, type_: str = "invalid_request_error", param=None):
-    return JSONResponse(error_body(message, type_, param), status_code=status)
+def _capped(receive, limit: int):
+    """``receive`` that refuses bodies over ``limit`` bytes even without a Content-Length."""
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        msg = await receive()
+        if msg["type"] == "http.request":
+            seen += len(msg.get("body", b""))
+            if seen > limit:
+                # FastAPI lets HTTPException through from body reading (other errors become a
+                # generic 400); the handler below renders it in OpenAI's shape.
+                raise StarletteHTTPException(413, f"the request body exceeds the limit of "
+                                                  f"{limit} bytes (router.max_body_bytes)")
+        return msg
+
+    return wrapped
 
 
-def build_fastapi(front_getter) -> FastAPI:
+def _front(front_getter: Callable[[], Frontend]) -> Frontend:
+    try:
+        return front_getter()
+    except RuntimeError:
+        raise ServiceUnavailable("the router is still starting; retry in a few seconds") from None
+
+
+def build_fastapi(front_getter: Callable[[], Frontend]) -> FastAPI:
     """``front_getter()`` returns the ``Frontend`` (created in the replica's constructor)."""
-    app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
+    app = FastAPI(title="pdserve", version=__version__,
+                  description="OpenAI-compatible API of pdserve. Send `Authorization: Bearer "
+                              "<key>` when the server has API keys.")
+    app.add_middleware(Guard, front_getter=front_getter)
+    generic_openapi = app.openapi
+
+    def openapi() -> dict:
+        """The OpenAPI document with the served model's limits (context, vocabulary) filled in,
+        once the router is up, so a client or fuzzer reading it knows them."""
+        if app.openapi_schema is None:
+            schema = generic_openapi()
+            try:
+                _model_limits(schema, front_getter())
+            except RuntimeError:  # still starting: serve the generic one, retry next time
+                app.openapi_schema = None
+                return schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _json_error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-        msg = first.get("msg", "invalid request")
-        return _err(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
+        message, param = describe_validation(list(exc.errors()))
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = (f"no such endpoint: {request.method} {_route_path(request.scope)}; the "
+                       "API is POST /v1/completions, POST /v1/chat/completions, GET /v1/models")
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {_route_path(request.scope)}"
+        elif isinstance(exc.__cause__, UnicodeDecodeError):
+            message = f"the request body is not valid UTF-8 ({exc.__cause__.reason} at byte " \
+                      f"{exc.__cause__.start}); send JSON encoded as UTF-8"
+        elif exc.status_code == 400 and "parsing the body" in message:
+            message = "the request body could not be parsed; send a JSON object"
+        return JSONResponse(error_body(message), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _json_error(InternalError(f"internal error ({type(exc).__name__}); the request "
+                                         "was not completed, retrying may succeed"))
 
     @app.get("/health")
     async def health():
+        _front(front_getter)
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: _ERROR_RESPONSES[401]})
     async def models():
-        f = front_getter()
+        f = _front(front_getter)
         return {"object": "list", "data": [{"id": f.model_name, "object": "model",
                                             "created": now(), "owned_by": "pdserve",
                                             "max_model_len": f.max_model_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        f = front_getter()
-        try:
-            job = f.completion_job(body)
-        except BadRequest as e:
-            return _err(400, str(e), param=e.param)
-        return await _respond(f, job, body, chat=False)
+    @app.post("/v1/completions", responses=_ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, x_request_timeout: float = _TIMEOUT_HEADER):
+        f = _front(front_getter)
+        return await _respond(f, f.completion_job(body), body, False, x_request_timeout)
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
-        f = front_getter()
-        try:
-            job = f.chat_job(body)
-        except BadRequest as e:
-            return _err(400, str(e), param=e.param)
-        return await _respond(f, job, body, chat=True)
+    @app.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
+    async def chat(body: ChatCompletionRequest, x_request_timeout: float = _TIMEOUT_HEADER):
+        f = _front(front_getter)
+        return await _respond(f, f.chat_job(body), body, True, x_request_timeout)
+
+    @app.get("/admin/stats", responses={401: _ERROR_RESPONSES[401]})
+    async def admin_stats():
+        """Admission queues and request counters (needs the admin token)."""
+        f = _front(front_getter)
+        return {"admission": f.admission.stats(), "orchestrator": dict(f.orch.stats),
+                "router_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     return app
 
 
-async def _respond(f: Frontend, job: Job, body, chat: bool):
-    created = now()
-    obj = "chat.completion" if chat else "text_completion"
-    usage_wanted = bool(body.stream_options and body.stream_options.include_usage)
-    want_lp = job.params.logprobs is not None
+def _model_limits(schema: dict, f: Frontend) -> None:
+    comps = schema.get("components", {}).get("schemas", {})
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = comps.get(name, {}).get("properties", {})
+        for key in ("max_tokens", "max_completion_tokens"):
+            if key in props:
+                props[key]["maximum"] = f.max_model_len - 1
+        if "prompt" in props:
+            props["prompt"]["items"] = {"minimum": 0, "maximum": f.vocab_size - 1}
+            props["prompt"]["maxItems"] = f.max_model_len - 1
 
-    def usage(n_out: int) -> dict:
-        p = len(job.prompt_ids)
+
+class _AdmittedStream(StreamingResponse):
+    """An SSE response that owns its request: however the response ends (finished, client
+    gone, never started), the request's stream is closed and its admission ticket returned."""
+
+    def __init__(self, body: AsyncIterator[str], pieces, ticket) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self._pieces, self._ticket = pieces, ticket
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._pieces.aclose()
+            self._ticket.close()
+
+
+async def _respond(f: Frontend, job: Job, body, chat: bool, timeout_s: float | None):
+    deadline = f.deadline(timeout_s)
+    ticket = await f.admit(deadline)
+    pieces = f.stream(job, ticket, deadline)
+    try:
+        first = await anext(pieces, None)
+    except BaseException:
+        await pieces.aclose()
+        ticket.close()
+        raise
+    out = _Shaper(f, job, body, chat)
+    if body.stream:
+        return _AdmittedStream(out.sse(first, pieces), pieces, ticket)
+    try:
+        got = [] if first is None else [first]
+        async for p in pieces:
+            got.append(p)
+    finally:
+        await pieces.aclose()
+        ticket.close()
+    return out.whole(got)
+
+
+class _Shaper:
+    """Pieces → OpenAI's response objects (chat or text completion, chunks or whole)."""
+
+    def __init__(self, f: Frontend, job: Job, body, chat: bool) -> None:
+        self.f, self.job, self.chat = f, job, chat
+        self.created = now()
+        self.want_lp = job.params.logprobs is not None
+        self.usage_wanted = bool(body.stream_options and body.stream_options.include_usage)
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+    def usage(self, n_out: int) -> dict:
+        p = len(self.job.prompt_ids)
         return {"prompt_tokens": p, "completion_tokens": n_out, "total_tokens": p + n_out}
 
+    @staticmethod
     def lp_chat(entries: list[dict]) -> dict:
         return {"content": [{"token": e["token"], "logprob": e["logprob"],
                              "bytes": list(e["token"].encode()),
                              "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
                                               for t, v in e["top"].items()]} for e in entries]}
 
+    @staticmethod
     def lp_cmpl(entries: list[dict]) -> dict:
         return {"tokens": [e["token"] for e in entries],
                 "token_logprobs": [e["logprob"] for e in entries],
                 "top_logprobs": [e["top"] for e in entries]}
 
-    if body.stream:
-        async def sse():
-            t0 = time.monotonic()
-            n_out = 0
-            try:
-                if chat:
-                    head = {"id": job.request_id, "object": "chat.completion.chunk",
-                            "created": created, "model": f.model_name,
-                            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "finish_reason": None}]}
-                    yield f"data: {json.dumps(head)}\n\n"
-                async for text, lps, n_out, reason in f.text_stream(job):
-                    if not text and reason is None and not lps:
-                        continue
-                    if chat:
-                        choice = {"index": 0, "delta": {"content": text} if text else {},
-                                  "finish_reason": reason}
-                        if want_lp:
-                            choice["logprobs"] = lp_chat(lps)
-                        chunk = {"id": job.request_id, "object": "chat.completion.chunk",
-                                 "created": created, "model": f.model_name, "choices": [choice]}
-                    else:
-                        choice = {"index": 0, "text": text, "finish_reason": reason,
-                                  "logprobs": lp_cmpl(lps) if want_lp else None}
-                        chunk = {"id": job.request_id, "object": "text_completion",
-                                 "created": created, "model": f.model_name, "choices": [choice]}
-                    if usage_wanted:
-                        chunk["usage"] = None
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                if usage_wanted:
-                    tail = {"id": job.request_id, "object": chunk["object"], "created": created,
-                            "model": f.model_name, "choices": [], "usage": usage(n_out)}
-                    yield f"data: {json.dumps(tail)}\n\n"
-                yield "data: [DONE]\n\n"
-            except Unavailable as e:
-                yield f"data: {json.dumps(error_body(str(e), 'server_error'))}\n\n"
-            except Exception as e:  # noqa: BLE001 - report in-band; headers are already sent
-                log.exception("request %s failed after %.2fs", job.request_id, time.monotonic() - t0)
-                yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error'))}\n\n"
+    def _envelope(self, obj: str, choices: list) -> dict:
+        return {"id": self.job.request_id, "object": obj, "created": self.created,
+                "model": self.f.model_name, "choices": choices}
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": job.request_id})
+    def whole(self, pieces: list[Piece]) -> dict:
+        text = "".join(p.text for p in pieces)
+        entries = [e for p in pieces for e in p.logprobs]
+        reason = next((p.finish_reason for p in reversed(pieces) if p.finish_reason), None)
+        n_out = pieces[-1].num_output_tokens if pieces else 0
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": reason,
+                      "logprobs": self.lp_chat(entries) if self.want_lp else None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason,
+                      "logprobs": self.lp_cmpl(entries) if self.want_lp else None}
+        out = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
+        out["usage"] = self.usage(n_out)
+        return out
 
-    parts: list[str] = []
-    entries: list[dict] = []
-    reason = None
-    n_out = 0
-    try:
-        async for text, lps, n_out, r in f.text_stream(job):
-            parts.append(text)
-            entries += lps
-            reason = r or reason
-    except Unavailable as e:
-        return _err(503, str(e), "server_error")
-    except ValueError as e:
-        return _err(400, str(e))
-    text = "".join(parts)
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": reason, "logprobs": lp_chat(entries) if want_lp else None}
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": reason,
-                  "logprobs": lp_cmpl(entries) if want_lp else None}
-    return {"id": job.request_id, "object": obj, "created": created, "model": f.model_name,
-            "choices": [choice], "usage": usage(n_out)}
+    def _chunk(self, p: Piece) -> dict:
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": p.text} if p.text else {},
+                      "finish_reason": p.finish_reason}
+            if self.want_lp:
+                choice["logprobs"] = self.lp_chat(p.logprobs)
+        else:
+            choice = {"index": 0, "text": p.text, "finish_reason": p.finish_reason,
+                      "logprobs": self.lp_cmpl(p.logprobs) if self.want_lp else None}
+        chunk = self._envelope(self.chunk_object, [choice])
+        if self.usage_wanted:
+            chunk["usage"] = None
+        return chunk
+
+    async def sse(self, first: Piece | None, rest: AsyncIterator[Piece]) -> AsyncIterator[str]:
+        def event(d: dict) -> str:
+            return f"data: {json.dumps(d)}\n\n"
+
+        n_out = 0
+        try:
+            if self.chat:
+                head = self._envelope(self.chunk_object, [{"index": 0, "delta": {
+                    "role": "assistant", "content": ""}, "finish_reason": None}])
+                if self.usage_wanted:
+                    head["usage"] = None
+                yield event(head)
+            pending = [first] if first is not None else []
+            while True:
+                p = pending.pop() if pending else await anext(rest, None)
+                if p is None:
+                    break
+                n_out = p.num_output_tokens
+                if p.text or p.finish_reason or p.logprobs:
+                    yield event(self._chunk(p))
+            if self.usage_wanted:
+                tail = self._envelope(self.chunk_object, [])
+                tail["usage"] = self.usage(n_out)
+                yield event(tail)
+            yield "data: [DONE]\n\n"
+        except ApiError as e:  # headers are sent: report in-band, OpenAI-style
+            yield event(e.body())
+        except Exception as e:
+            log.exception("request %s failed mid-stream", self.job.request_id)
+            yield event(InternalError(f"generation failed ({type(e).__name__})").body())
+        finally:
+            await rest.aclose()

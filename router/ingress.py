@@ -1,15 +1,17 @@
-"""The router's Serve ingress deployment: the FastAPI app over the orchestrator."""
+"""The router's Serve ingress deployment: the FastAPI app (HTTP) and the gRPC methods
+(``grpc_service.PdServeGrpc``, reached through Serve's gRPC proxy) over the orchestrator."""
 
 from __future__ import annotations
 
 import logging
 
-from ray import serve
-
 from pdserve.workers.config import ModelConfig
 from pdserve.workers.llm import load_tokenizer
+from ray import serve
 
-from .api import Frontend, build_fastapi
+from .api import build_fastapi
+from .frontend import Frontend
+from .grpc_service import PdServeGrpc
 from .orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ app = build_fastapi(_current_front)
 
 
 @serve.ingress(app)
-class Router:
+class Router(PdServeGrpc):
     def __init__(self, app_config: dict, model_path: str, model_name: str,
                  prefill=None, decode=None, colocated=None) -> None:
         global _front
@@ -46,7 +48,8 @@ class Router:
                             timeout_s=app_config["kv_transfer"]["timeout_s"], retries=r["retries"],
                             index=index, block_size=app_config["block_size"],
                             salt=f"{mc.path}|{app_config['dtype']}")
-        _front = Frontend(load_tokenizer(model_path), model_name, mc.max_position_embeddings,
-                          mc.vocab_size, orch)
+        orch.app_name = serve.get_replica_context().app_name
+        _front = Frontend.for_app(app_config, load_tokenizer(model_path), model_name,
+                                  mc.max_position_embeddings, mc.vocab_size, orch)
         self.front = _front
         log.info("pdserve router ready (%s mode)", app_config["mode"])

@@ -12,6 +12,7 @@ first token is retried on other instances (``retries``); after it, the error sur
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,10 @@ class Unavailable(RuntimeError):
     """No instance could take the request in time (HTTP 503)."""
 
 
+class Handback(RuntimeError):
+    """A draining decode instance returned a running request to the router."""
+
+
 class Orchestrator:
     def __init__(self, mode: str, prefill=None, decode=None, colocated=None,
                  timeout_s: float = 30.0, retries: int = 1, index=None,
@@ -40,7 +45,10 @@ class Orchestrator:
         self.index = index  # cluster.metadata.MetadataStore, or None: load-only routing
         self.block_size = block_size
         self.root = salt_hash(salt)
-        self.stats = {"requests": 0, "retries": 0, "failures": 0, "index_errors": 0,
+        self.max_recoveries = 3
+        self.app_name: str | None = None  # set by the ingress; used to refresh handles
+        self.stats = {"requests": 0, "retries": 0, "failures": 0, "recoveries": 0,
+                      "index_errors": 0,
                       "prompt_tokens": 0, "index_hit_tokens": 0}
         self._index_ok = True
 
@@ -95,6 +103,44 @@ class Orchestrator:
                 delay = min(delay * 2, 0.5)
 
     async def _disaggregated(self, job: Job) -> AsyncIterator[TokenChunk]:
+        """``_pass`` plus recovery. If the decode instance dies mid-stream (or is drained and
+        hands the request back with finish_reason "migrate"), the request continues on
+        another decode instance: prompt + every token already streamed is prefilled again
+        and decoding resumes with the next token. The client never sees a token twice or a
+        gap. (Greedy output is unchanged; a seeded sampler restarts its generator.)"""
+        generated: list[int] = []
+        recoveries = 0
+        while True:
+            sub = job
+            if generated:
+                left = job.params.max_tokens - len(generated)
+                sub = Job(f"{job.request_id}~{recoveries}", job.prompt_ids + generated,
+                          dataclasses.replace(job.params, max_tokens=left))
+            try:
+                async for c in self._pass(sub):
+                    if c.finished and c.finish_reason == "migrate":
+                        raise Handback(f"{sub.request_id} handed back by its decode instance")
+                    generated += c.token_ids
+                    yield TokenChunk(job.request_id, c.token_ids, c.logprobs, c.finished,
+                                     c.finish_reason, len(job.prompt_ids), len(generated))
+                    if c.finished:
+                        return
+                return
+            except (asyncio.CancelledError, ValueError, Unavailable):
+                raise
+            except Exception as e:  # noqa: BLE001 - a dead/drained decode instance
+                if not generated or recoveries >= self.max_recoveries:
+                    self.stats["failures"] += 1
+                    raise
+                recoveries += 1
+                self.stats["recoveries"] += 1
+                self._refresh_handles()
+                log.warning("request %s: decode interrupted after %d tokens (%s); recovering "
+                            "on another instance (%d)", job.request_id, len(generated),
+                            type(e).__name__, recoveries)
+
+    async def _pass(self, job: Job) -> AsyncIterator[TokenChunk]:
+        """One try: reserve on D, prefill on P (retried on failure), stream from D."""
         attempt = 0
         hint = await self.hint(job)
         while True:
@@ -136,6 +182,16 @@ class Orchestrator:
             if not done:
                 stream.cancel()
                 await self._abort_decode(job.request_id, d_id)
+
+    def _refresh_handles(self) -> None:
+        """Fresh handles after a pool lost a replica: Serve's per-handle routing state was
+        seen to stall new requests after one of its replicas died mid-stream."""
+        if self.app_name is None:
+            return
+        from ray import serve
+
+        self.decode = serve.get_deployment_handle("decode", app_name=self.app_name)
+        self.prefill = serve.get_deployment_handle("prefill", app_name=self.app_name)
 
     async def _abort_decode(self, request_id: str, instance_id: str) -> None:
         try:

@@ -49,7 +49,7 @@ class LeastLoaded(RoutingPolicy):
             def key(c: Candidate):
                 s = c.stats
                 free = s.get("free_blocks", 0) - s.get("reserved_blocks", 0)
-                return (c.inflight + s.get("running", 0), -free)
+                return (bool(s.get("draining")), c.inflight + s.get("running", 0), -free)
         else:
             def key(c: Candidate):
                 s = c.stats
@@ -100,7 +100,7 @@ class PrefixAware(RoutingPolicy):
             def key(c: Candidate):
                 s = c.stats
                 free = s.get("free_blocks", 0) - s.get("reserved_blocks", 0)
-                short = free * 16 < prompt  # block size 16 by default; a coarse guard
+                short = free * 16 < prompt or bool(s.get("draining"))  # coarse guard
                 load = c.inflight + s.get("running", 0)
                 return (short, load - cached.get(c.instance_id, 0) / self.AVG_PROMPT_TOKENS)
         else:

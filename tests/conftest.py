@@ -69,3 +69,54 @@ def smollm2_path() -> Path | None:
 
     p = models_dir() / DEFAULT_MODEL
     return p if is_model_folder(p) else None
+
+
+# ---- a session-scoped local Ray Serve (loopback only), shared by tests/cluster and tests/router
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from pdserve.cluster.launcher import loopback_ray_env
+
+    loopback_ray_env()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    if started:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def _serve_ports(ray_session) -> tuple[int, int]:
+    """Serve's HTTP and gRPC proxies (pdserve's gRPC service), both on free loopback ports.
+    Serve takes its proxy options once per session, so both start here together."""
+    from pdserve.cluster.launcher import free_port
+    from pdserve.router.proto import SERVICER_FUNCTION
+    from ray import serve
+
+    http, grpc = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http},
+                grpc_options={"port": grpc, "grpc_servicer_functions": [SERVICER_FUNCTION]})
+    return http, grpc
+
+
+@pytest.fixture(scope="session")
+def serve_http(_serve_ports) -> str:
+    return f"http://127.0.0.1:{_serve_ports[0]}"
+
+
+@pytest.fixture(scope="session")
+def serve_grpc(_serve_ports) -> str:
+    """``host:port`` of Serve's gRPC proxy (send ``application`` metadata to pick an app)."""
+    return f"127.0.0.1:{_serve_ports[1]}"
+
+
+@pytest.fixture(scope="session")
+def cluster_model(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("cluster_llama"), "llama")

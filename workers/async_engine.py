@@ -95,6 +95,17 @@ class AsyncEngine:
             if not done:
                 self.abort(req.request_id)
 
+    def end(self, request_id: str, reason: str) -> None:
+        """Finish a running request now and close its stream with ``reason`` (e.g. "migrate"
+        when draining: the router continues it elsewhere)."""
+        with self._lock:
+            req = self.engine.requests.get(request_id)
+            if req is None:
+                return
+            self.engine.finish(request_id, reason)
+            self._deliver(request_id, RequestOutput(
+                request_id, [], [], len(req.prompt_ids), len(req.output_ids), True, reason))
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self.engine.abort(request_id)

@@ -8,6 +8,7 @@ policy says, using the stats each replica reports through ``record_routing_stats
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -95,6 +96,12 @@ class PoolWorker:
 
     async def abort(self, request_id: str, target: str | None = None) -> None:
         self.inst.abort(request_id)
+
+    async def drain(self, target: str | None = None) -> int:
+        return await asyncio.to_thread(self.inst.drain)
+
+    async def undrain(self, target: str | None = None) -> None:
+        self.inst.undrain()
 
     async def stats(self, target: str | None = None):
         return self.inst.stats()

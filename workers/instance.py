@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import logging
 import threading
 import time
@@ -148,6 +149,7 @@ class Instance:
         # Fault injection for tests: name -> how many more times to fail that way.
         #   stall_transfer: register the next transfer but never send its layers
         self.faults: dict[str, int] = {}
+        self.draining = False
 
     # ---- channels --------------------------------------------------------------------------
     def _make_channel(self, peer: PeerId) -> Channel:
@@ -273,9 +275,25 @@ class Instance:
                 log.warning("cancelling the transfer of %s failed: %s", request_id, e)
 
     # ---- decode role ---------------------------------------------------------------------------
+    def drain(self) -> int:
+        """Stop taking requests and hand every running one back to the router, which
+        continues it on another decode instance. Returns how many were handed back."""
+        self.draining = True
+        ids = self.aengine.call(lambda e: [r.request_id for r in e.scheduler.running
+                                           + list(e.scheduler.waiting)])
+        for rid in ids:
+            self.aengine.end(rid, "migrate")
+        log.info("%s draining: handed back %d requests", self.info.instance_id, len(ids))
+        return len(ids)
+
+    def undrain(self) -> None:
+        self.draining = False
+
     def reserve(self, job: Job) -> ReceiveDescriptor:
         """Blocks for the prompt's KV. Leading blocks this instance already caches (a
         multi-turn follow-up) are shared, not re-sent: the descriptor says how many."""
+        if self.draining:
+            raise NoCapacity(f"{self.info.instance_id} is draining")
         bs = self.layout.block_size
         n = -(-len(job.prompt_ids) // bs)
 
@@ -402,7 +420,7 @@ class Instance:
                 self.info.instance_id, self.role, len(s.running), len(s.waiting),
                 e.blocks.num_free, e.blocks.num_blocks, queued,
                 sum(len(i.block_ids) for i in self._incoming.values()),
-                e.blocks.hits, e.blocks.queries,
+                e.blocks.hits, e.blocks.queries, self.draining, os.getpid(),
             )
 
         return self.aengine.call(read)

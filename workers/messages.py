@@ -88,6 +88,8 @@ class InstanceStats:
     reserved_blocks: int = 0  # decode: held for incoming transfers
     prefix_hit_tokens: int = 0  # prompt tokens served from the local prefix cache
     prefix_query_tokens: int = 0  # prompt tokens looked up in it
+    draining: bool = False
+    pid: int = 0  # the instance's process (ops and fault-injection tests)
 
     def as_routing_stats(self) -> dict[str, float | str]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
