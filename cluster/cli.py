@@ -6,6 +6,7 @@
     pdserve up [--config FILE]       start the cluster: Ray, Redis, the Serve app (Ctrl-C stops)
     pdserve profile --model M        measure step latencies, fit a latency model (JSON)
     pdserve plan --workload W ...    size the pools for the highest goodput (writes a config)
+    pdserve client PROMPT [--url U]  call a running server over HTTP or gRPC (streams)
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def cmd_up(args) -> int:
 
         from .app import build_app
 
-        start_serve(cfg.router.host, cfg.router.port)
+        start_serve(cfg.router.host, cfg.router.port, cfg.router.grpc_port)
         print(f"[pdserve] deploying ({cfg.mode}: " + ", ".join(
             f"{k} x{v.replicas} tp={v.tp}" for k, v in cfg.pools.items()) + ") ...", flush=True)
         serve.run(build_app(cfg), name="pdserve", route_prefix="/", blocking=False)
@@ -171,6 +172,12 @@ def cmd_plan(args) -> int:
     from .plan_command import plan_main
 
     return plan_main(args)
+
+
+def cmd_client(args) -> int:
+    from pdserve.client import run_cli
+
+    return run_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-latency", type=float, default=None, help="seconds per transfer")
     p.add_argument("--out", default="plan.yaml", help="cluster config to write")
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("client", help="call a running server over HTTP or gRPC")
+    from pdserve.client import add_cli_arguments
+
+    add_cli_arguments(p)
+    p.set_defaults(fn=cmd_client)
     return ap
 
 

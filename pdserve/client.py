@@ -201,6 +201,24 @@ def _grpc_error(e) -> PdServeError:
                         retry)
 
 
+class _Unreachable:
+    """Context manager: an HTTP transport failure (refused, reset, timed out) → PdServeError."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> None:
+        import httpx
+
+        if isinstance(exc, httpx.TimeoutException):
+            raise PdServeError("DEADLINE_EXCEEDED", f"{self.target}: {exc}") from exc
+        if isinstance(exc, httpx.TransportError):
+            raise PdServeError("UNAVAILABLE", f"cannot reach {self.target}: {exc}") from exc
+
+
 class _Base:
     def __init__(self, url: str, api_key: str | None = None, application: str | None = None,
                  timeout_s: float = 600.0) -> None:
@@ -268,7 +286,8 @@ class Client(_Base):
             except grpc.RpcError as e:
                 raise _grpc_error(e) from None
         path, body = _http_request(prompt, messages, params, stream=False)
-        r = self._http.post(path, json=body, headers=self._headers(timeout_s))
+        with _Unreachable(self.target):
+            r = self._http.post(path, json=body, headers=self._headers(timeout_s))
         if r.status_code != 200:
             raise _http_error(r.status_code, r.text, r.headers)
         return _http_completion(r.json())
@@ -294,7 +313,8 @@ class Client(_Base):
             call.cancel()  # no-op when finished; aborts the request when the caller stops early
 
     def _http_stream(self, path: str, body: dict, timeout_s: float | None) -> Iterator[Chunk]:
-        with self._http.stream("POST", path, json=body, headers=self._headers(timeout_s)) as r:
+        with _Unreachable(self.target), \
+                self._http.stream("POST", path, json=body, headers=self._headers(timeout_s)) as r:
             if r.status_code != 200:
                 r.read()
                 raise _http_error(r.status_code, r.text, r.headers)
@@ -317,7 +337,8 @@ class Client(_Base):
             except grpc.RpcError as e:
                 raise _grpc_error(e) from None
             return [m.id for m in r.models]
-        r = self._http.get("/v1/models", headers=self._headers(None))
+        with _Unreachable(self.target):
+            r = self._http.get("/v1/models", headers=self._headers(None))
         if r.status_code != 200:
             raise _http_error(r.status_code, r.text, r.headers)
         return [m["id"] for m in r.json()["data"]]
@@ -366,7 +387,8 @@ class AsyncClient(_Base):
             except grpc.RpcError as e:
                 raise _grpc_error(e) from None
         path, body = _http_request(prompt, messages, params, stream=False)
-        r = await self._http.post(path, json=body, headers=self._headers(timeout_s))
+        with _Unreachable(self.target):
+            r = await self._http.post(path, json=body, headers=self._headers(timeout_s))
         if r.status_code != 200:
             raise _http_error(r.status_code, r.text, r.headers)
         return _http_completion(r.json())
@@ -390,15 +412,16 @@ class AsyncClient(_Base):
             return
         path, body = _http_request(prompt, messages, params, stream=True)
         fold = _UsageFold()
-        async with self._http.stream("POST", path, json=body,
-                                     headers=self._headers(timeout_s)) as r:
-            if r.status_code != 200:
-                await r.aread()
-                raise _http_error(r.status_code, r.text, r.headers)
-            async for line in r.aiter_lines():
-                ch = _sse_chunk(line)
-                for out in fold.feed(ch) if ch is not None else ():
-                    yield out
+        with _Unreachable(self.target):
+            async with self._http.stream("POST", path, json=body,
+                                         headers=self._headers(timeout_s)) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    raise _http_error(r.status_code, r.text, r.headers)
+                async for line in r.aiter_lines():
+                    ch = _sse_chunk(line)
+                    for out in fold.feed(ch) if ch is not None else ():
+                        yield out
         for out in fold.flush():
             yield out
 
@@ -415,7 +438,69 @@ class AsyncClient(_Base):
             except grpc.RpcError as e:
                 raise _grpc_error(e) from None
             return [m.id for m in r.models]
-        r = await self._http.get("/v1/models", headers=self._headers(None))
+        with _Unreachable(self.target):
+            r = await self._http.get("/v1/models", headers=self._headers(None))
         if r.status_code != 200:
             raise _http_error(r.status_code, r.text, r.headers)
         return [m["id"] for m in r.json()["data"]]
+
+
+# ---- ``pdserve client`` ---------------------------------------------------------------------
+def add_cli_arguments(p) -> None:
+    """The arguments of ``pdserve client`` (an ``argparse`` subparser)."""
+    p.add_argument("prompt", nargs="?", help="the prompt (with --chat: the user's message)")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="grpc://host:port or http(s)://host:port[/prefix] (default: %(default)s)")
+    p.add_argument("--api-key", default=None, help=f"default: ${envs.PDSERVE_API_KEY}")
+    p.add_argument("--application", default=None, help="gRPC: the Serve application to call")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
+    p.add_argument("--system", default=None, help="with --chat: a system message first")
+    p.add_argument("--no-stream", action="store_true", help="print the whole completion at once")
+    p.add_argument("--models", action="store_true", help="list the served models and exit")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for this request")
+
+
+def run_cli(args) -> int:
+    """``pdserve client``: text to stdout, finish reason and usage to stderr; exit 1 on error."""
+    import sys
+
+    if not args.models and not args.prompt:
+        print("pdserve client: give a prompt (or --models)", file=sys.stderr)
+        return 2
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature,
+              "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
+    params = {k: v for k, v in params.items() if v is not None}
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        kw: dict[str, Any] = {"messages": [*messages, {"role": "user", "content": args.prompt}]}
+    else:
+        kw = {"prompt": args.prompt}
+    try:
+        with Client(args.url, args.api_key, args.application) as c:
+            if args.models:
+                print("\n".join(c.models()))
+                return 0
+            if args.no_stream:
+                r = c.complete(**kw, timeout_s=args.timeout, **params)
+                sys.stdout.write(r.text + "\n")
+                reason, usage = r.finish_reason, r.usage
+            else:
+                reason, usage = None, None
+                for ch in c.stream(**kw, timeout_s=args.timeout, **params):
+                    sys.stdout.write(ch.text)
+                    sys.stdout.flush()
+                    reason, usage = ch.finish_reason or reason, ch.usage or usage
+                sys.stdout.write("\n")
+    except PdServeError as e:
+        print(f"pdserve client: {e.code}: {e.message}", file=sys.stderr)
+        return 1
+    if usage is not None:
+        print(f"[finish_reason={reason} prompt_tokens={usage.prompt_tokens} "
+              f"completion_tokens={usage.completion_tokens}]", file=sys.stderr)
+    return 0

@@ -66,7 +66,10 @@ class Gate:
         self._waiters.append(fut)
         self.peak_waiting = max(self.peak_waiting, len(self._waiters))
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+            # (not ``wait_for``: on Python 3.11 it can swallow a cancellation that arrives just
+            # as the slot is handed over, leaving a cancelled task holding a slot)
+            async with asyncio.timeout(timeout_s):
+                await fut
         except BaseException as e:
             if fut.done() and not fut.cancelled():
                 self.release()  # the slot was handed over just as we gave up: pass it on

@@ -218,6 +218,8 @@ def translate(e: BaseException, retry_after_s: int, request_id: str = "") -> Api
     from .orchestrator import Unavailable
 
     root = _cause(e)
+    if isinstance(root, ApiError):
+        return root
     if isinstance(root, QueueFull):
         return Overloaded(f"an instance's waiting queue is full ({root})", retry_after_s)
     if isinstance(root, (Unavailable, NoCapacity)):

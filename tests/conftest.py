@@ -15,20 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from helpers import PROMPTS, hf_greedy, smollm2_path  # noqa: E402,F401
 from tiny_models import make_model  # noqa: E402
-
-# A mix of prompt lengths: 1 token up to several blocks, multi-byte text included.
-PROMPTS = [
-    "The",
-    "The quick brown fox",
-    "Un café crème, s'il vous plaît.",
-    "日本語のテキスト",
-    "def add(a, b):\n    return a + b\n" * 3,
-    "Emoji 🚀🔥 and symbols ∑∫√ appear sometimes. " * 2,
-    "Serving large language models needs prefill and decode. " * 4,
-    "Numbers 0123456789 and punctuation!?.,;: " * 6,
-]
-
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
@@ -48,30 +36,6 @@ def tiny_model_factory(tmp_path_factory):
 
     return make
 
-
-def hf_greedy(path: Path, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Hugging Face transformers greedy generation, one prompt at a time (the truth)."""
-    import torch
-    import transformers as tf
-
-    model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    outs = []
-    for ids in prompt_ids:
-        x = torch.tensor([ids])
-        y = model.generate(x, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                           do_sample=False, pad_token_id=0, eos_token_id=None)
-        outs.append(y[0, len(ids):].tolist())
-    return outs
-
-
-def smollm2_path() -> Path | None:
-    from pdserve.workers.model_store import DEFAULT_MODEL, is_model_folder, models_dir
-
-    p = models_dir() / DEFAULT_MODEL
-    return p if is_model_folder(p) else None
-
-
-# ---- a session-scoped local Ray Serve (loopback only), shared by tests/cluster and tests/router
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

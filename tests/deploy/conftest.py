@@ -5,9 +5,7 @@ build the Serve app from."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,29 +13,9 @@ import pytest
 import yaml
 from tiny_models import make_model
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
-CHART = REPO / "helm" / "pdserve"
-RELEASE = "rel"
-NAMESPACE = "serving"
-# Kubernetes versions the rendered objects must be valid for: the chart's kubeVersion floor
-# and the newest schemas kubernetes-validate ships.
-K8S_VERSIONS = ("1.29.0", "1.37.0")
-
-
-def pyproject_pins() -> dict[str, str]:
-    """{'version': pdserve's version, 'ray': the pinned Ray version} from pyproject.toml."""
-    import tomllib
-
-    data = tomllib.loads((REPO / "pyproject.toml").read_text())
-    ray = next(d for d in data["project"]["dependencies"] if d.startswith("ray"))
-    m = re.fullmatch(r"ray(\[[\w,]+\])?==([0-9.]+)", ray.replace(" ", ""))
-    assert m, f"pyproject.toml pins Ray as {ray!r}; expected ray[...]==X.Y.Z"
-    return {"version": data["project"]["version"], "ray": m.group(2)}
-
-
-def venv_bin() -> Path:
-    return Path(sys.executable).parent
+from deploy_paths import (  # noqa: E402,F401
+    CHART, DEPLOY, K8S_VERSIONS, NAMESPACE, RELEASE, REPO, pyproject_pins, venv_bin,
+)
 
 
 class Helm:

@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import DEPLOY, REPO, pyproject_pins, venv_bin
+from deploy_paths import DEPLOY, REPO, pyproject_pins, venv_bin
 from dockerfile_check import (
     DockerIgnore,
     check_image,

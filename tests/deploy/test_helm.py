@@ -12,7 +12,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import CHART, K8S_VERSIONS, NAMESPACE, RELEASE, pyproject_pins
+from deploy_paths import CHART, K8S_VERSIONS, NAMESPACE, RELEASE, pyproject_pins
 from kuberay_check import check_rayservice
 from pdserve.cluster.config import POLICIES, AppConfig
 from pdserve.router.proto import SERVICER_FUNCTION

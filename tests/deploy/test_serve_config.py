@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEPLOY
+from deploy_paths import DEPLOY
 from pdserve.cluster.config import AppConfig, ConfigError
 from pdserve.router.proto import SERVICER_FUNCTION
 from ray._common.utils import import_attr

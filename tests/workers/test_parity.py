@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy, smollm2_path
+from helpers import PROMPTS, hf_greedy, smollm2_path
 from transformers import AutoTokenizer
 
 from pdserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig

@@ -13,7 +13,7 @@ from contextlib import suppress
 
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy, smollm2_path
+from helpers import PROMPTS, hf_greedy, smollm2_path
 from pdserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.workers.engine import Engine
 from pdserve.workers.parallel import ParallelConfig, TPError

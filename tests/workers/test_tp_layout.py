@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import PROMPTS, hf_greedy
+from helpers import PROMPTS, hf_greedy
 from pdserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.workers.engine import Engine
 from pdserve.workers.loader import Shard
