@@ -137,7 +137,7 @@ def cmd_up(args) -> int:
 
         from .app import build_app
 
-        start_serve(cfg.router.host, cfg.router.port, cfg.router.grpc_port)
+        start_serve(cfg.router.host, cfg.router.port)
         print(f"[pdserve] deploying ({cfg.mode}: " + ", ".join(
             f"{k} x{v.replicas} tp={v.tp}" for k, v in cfg.pools.items()) + ") ...", flush=True)
         serve.run(build_app(cfg), name="pdserve", route_prefix="/", blocking=False)

@@ -70,7 +70,7 @@ class KVTransferConfig:
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    grpc_port: int | None = None  # Ray Serve's gRPC proxy (it listens on every interface)
+    grpc_port: int | None = None  # the gRPC API, served by the router replica on host:grpc_port
     policy: str = "prefix_aware"
     prefix_weight: float = 1.0  # prefix_aware: tokens of queue one cached token is worth
     retries: int = 1  # re-route a request whose prefill or transfer failed
@@ -102,7 +102,7 @@ class RouterConfig:
         self._check_exposure()
 
     def _check_exposure(self) -> None:
-        """With no API keys, serve on loopback only unless explicitly allowed."""
+        """With no API keys, serve (HTTP and gRPC) on loopback only unless explicitly allowed."""
         from pdserve import envs
 
         if self.api_keys or envs.api_keys() or self.allow_public_without_keys:
@@ -111,8 +111,6 @@ class RouterConfig:
                 "true to serve without authentication")
         _need(is_loopback(self.host), f"router.host={self.host} is not a loopback address and no "
               f"API keys are configured; {hint}")
-        _need(self.grpc_port is None, f"router.grpc_port={self.grpc_port}: Ray Serve's gRPC proxy "
-              f"listens on every interface, and no API keys are configured; {hint}")
 
 
 @dataclass(frozen=True)

@@ -92,14 +92,11 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def start_serve(http_host: str, http_port: int, grpc_port: int | None = None) -> None:
-    """Serve's HTTP proxy on ``http_host:http_port``; with ``grpc_port``, its gRPC proxy with
-    pdserve's service (it binds every interface: ``RouterConfig`` requires API keys then)."""
-    from pdserve.router.proto import SERVICER_FUNCTION
     from ray import serve
 
     kw = {}
     if grpc_port:
-        kw["grpc_options"] = {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+        kw["grpc_options"] = {"port": grpc_port, "grpc_servicer_functions": []}
     serve.start(http_options={"host": http_host, "port": http_port, "location": "HeadOnly"}, **kw)
 
 

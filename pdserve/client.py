@@ -20,8 +20,8 @@ protocol: INVALID_ARGUMENT, UNAUTHENTICATED, RESOURCE_EXHAUSTED, ...), the serve
 and ``retry_after_s`` when the server is overloaded. Leaving a stream early (``break``, or
 closing it) cancels the request on the server, which frees its resources.
 
-``api_key`` defaults to ``PDSERVE_API_KEY``; ``application`` picks a Serve application when
-several run behind one gRPC proxy (HTTP: put the route prefix in the URL instead).
+``api_key`` defaults to ``PDSERVE_API_KEY``. The gRPC URL is the router's ``router.grpc_port``;
+an HTTP URL may carry the app's route prefix (``http://host:8000/myapp``).
 """
 
 from __future__ import annotations
@@ -220,15 +220,13 @@ class _Unreachable:
 
 
 class _Base:
-    def __init__(self, url: str, api_key: str | None = None, application: str | None = None,
-                 timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0) -> None:
         u = urlparse(url)
         if u.scheme not in ("grpc", "http", "https") or not u.netloc:
             raise ValueError(f"url {url!r}: use grpc://host:port or http(s)://host:port[/prefix]")
         self.grpc = u.scheme == "grpc"
         self.target = u.netloc if self.grpc else url.rstrip("/")
         self.api_key = api_key if api_key is not None else envs.client_api_key()
-        self.application = application
         self.timeout_s = timeout_s
 
     def _headers(self, timeout_s: float | None) -> dict[str, str]:
@@ -238,7 +236,7 @@ class _Base:
         return h
 
     def _metadata(self, timeout_s: float | None) -> list[tuple[str, str]]:
-        md = [("application", self.application)] if self.application else []
+        md = []
         if self.api_key:
             md.append(("authorization", f"Bearer {self.api_key}"))
         if timeout_s is not None:
@@ -249,9 +247,8 @@ class _Base:
 class Client(_Base):
     """Blocking client (see module doc)."""
 
-    def __init__(self, url: str, api_key: str | None = None, application: str | None = None,
-                 timeout_s: float = 600.0) -> None:
-        super().__init__(url, api_key, application, timeout_s)
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0) -> None:
+        super().__init__(url, api_key, timeout_s)
         if self.grpc:
             import grpc
 
@@ -347,9 +344,8 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client (see module doc); ``stream`` is an async iterator."""
 
-    def __init__(self, url: str, api_key: str | None = None, application: str | None = None,
-                 timeout_s: float = 600.0) -> None:
-        super().__init__(url, api_key, application, timeout_s)
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 600.0) -> None:
+        super().__init__(url, api_key, timeout_s)
         if self.grpc:
             import grpc
 
@@ -452,7 +448,6 @@ def add_cli_arguments(p) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000",
                    help="grpc://host:port or http(s)://host:port[/prefix] (default: %(default)s)")
     p.add_argument("--api-key", default=None, help=f"default: ${envs.PDSERVE_API_KEY}")
-    p.add_argument("--application", default=None, help="gRPC: the Serve application to call")
     p.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
     p.add_argument("--system", default=None, help="with --chat: a system message first")
     p.add_argument("--no-stream", action="store_true", help="print the whole completion at once")
@@ -482,7 +477,7 @@ def run_cli(args) -> int:
     else:
         kw = {"prompt": args.prompt}
     try:
-        with Client(args.url, args.api_key, args.application) as c:
+        with Client(args.url, args.api_key) as c:
             if args.models:
                 print("\n".join(c.models()))
                 return 0

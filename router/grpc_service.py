@@ -1,38 +1,41 @@
-"""The gRPC API (``proto/pdserve.proto``), served through Ray Serve's gRPC proxy.
+"""The gRPC API (``proto/pdserve.proto``), served by the router replica itself with grpcio.
 
-The proxy calls the ingress deployment's methods by RPC name (``Generate``, ``Complete``,
-``ListModels``, ``Health``), passing the request message and a ``grpc_context`` that carries
-the metadata in and the status code out. ``PdServeGrpc`` is a mixin for that deployment
-(``ingress.Router``); it relies on ``self.front`` (a ``frontend.Frontend``), so validation,
-admission, timeouts and errors are exactly those of the HTTP API: the request is converted
-into the HTTP schema's pydantic model and goes through the same ``Frontend``.
+``GrpcServer`` runs a ``grpc.aio`` server on ``router.host:router.grpc_port`` on the router
+replica's event loop, next to the HTTP app, sharing its ``Frontend``: validation (the request
+is converted into the HTTP schema's pydantic model), admission, time limits and errors are
+exactly those of the HTTP API, mapped to gRPC status codes.
 
-Checked with Ray Serve 2.60 (tests/router/test_grpc.py): server-streaming responses arrive
-token by token; a client that cancels, or whose deadline passes, cancels the replica's
-generator, which aborts the request on every instance. One caveat: the proxy listens on
-``[::]:<port>`` (every interface; Serve has no host option for gRPC), which is why the config
-refuses a gRPC port without API keys unless explicitly allowed.
+Why not Ray Serve's gRPC proxy (checked with Ray 2.60, see tests/router/test_grpc_api.py's
+history in the report): it does stream token by token, but a client's cancellation reaches
+the replica only if it arrives while the proxy awaits the next token; when it arrives while
+the proxy is writing a message (most of the time at a fast token rate) the replica's
+generator runs on to max_tokens, holding its KV blocks (3 of 9 cancellations lost in a row).
+It also listens on ``[::]`` (every interface, no host option), which breaks "no keys,
+loopback only". Here a cancelled or expired call cancels the handler, whose ``finally``
+closes the request's stream, which aborts it on every instance.
 
-Metadata: ``authorization: Bearer <key>``; ``x-request-timeout: <seconds>`` (less than the
-server's limit); ``application: <name>`` is read by the proxy when several apps run.
+Metadata: ``authorization: Bearer <key>``; ``x-request-timeout: <seconds>`` (a limit below
+the server's; the call's own deadline counts too).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
+import grpc
 from pydantic import ValidationError
 
 from .errors import ApiError, BadRequest, InternalError, describe_validation
-from .frontend import Frontend, Piece
-from .proto import SERVICER_FUNCTION
+from .frontend import Deadline, Frontend, Piece
 from .proto import pdserve_pb2 as pb
+from .proto import pdserve_pb2_grpc as pbg
 from .protocol import ChatCompletionRequest, CompletionRequest
 
-log = logging.getLogger(__name__)
+__all__ = ["GrpcServer", "PdServeService", "request_body"]
 
-__all__ = ["SERVICER_FUNCTION", "PdServeGrpc", "request_body"]
+log = logging.getLogger(__name__)
 
 
 def request_body(req: pb.GenerateRequest) -> CompletionRequest | ChatCompletionRequest:
@@ -63,42 +66,33 @@ def request_body(req: pb.GenerateRequest) -> CompletionRequest | ChatCompletionR
         raise BadRequest(message, param) from None
 
 
-def _metadata(ctx) -> dict[str, str]:
-    if ctx is None:
-        return {}
-    return {k.lower(): v for k, v in ctx.invocation_metadata() if isinstance(v, str)}
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ())
+            if isinstance(v, str)}
 
 
-def _timeout(md: dict[str, str]) -> float | None:
+def _timeout(md: dict[str, str], context: grpc.aio.ServicerContext) -> float | None:
+    """The shorter of the ``x-request-timeout`` metadata and the call's deadline."""
     raw = md.get("x-request-timeout")
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise BadRequest(f"x-request-timeout={raw!r}: send a positive number of seconds")
-    return value
+    asked = None
+    if raw is not None:
+        try:
+            asked = float(raw)
+        except ValueError:
+            asked = -1.0
+        if not 0 < asked < float("inf"):
+            raise BadRequest(f"x-request-timeout={raw!r}: send a positive number of seconds")
+    left = context.time_remaining()
+    if left is not None:
+        asked = left if asked is None else min(asked, left)
+    return asked
 
 
-class CallFailed(RuntimeError):
-    """Raised from a streaming RPC after its status is set (see ``_fail``)."""
-
-
-def _fail(ctx, e: ApiError) -> None:
-    """Set ``e`` as the call's status. A unary method then returns an empty message and the
-    proxy sends the status. A streaming one must raise ``CallFailed`` after this: the proxy
-    copies a replica's status only along with a message or an exception, never at the end of
-    a stream, and for an exception it keeps the status that was set here."""
-    if ctx is None:
-        raise e
-    import grpc
-
-    ctx.set_code(getattr(grpc.StatusCode, e.grpc_code))
-    ctx.set_details(e.message)
-    if "Retry-After" in e.headers:
-        ctx.set_trailing_metadata([("retry-after-s", e.headers["Retry-After"])])
+async def _abort(context: grpc.aio.ServicerContext, e: ApiError) -> None:
+    """End the call with ``e``'s status (raises, as ``context.abort`` does)."""
+    trailers = (("retry-after-s", e.headers["Retry-After"]),) if "Retry-After" in e.headers \
+        else ()
+    await context.abort(getattr(grpc.StatusCode, e.grpc_code), e.message, trailers)
 
 
 def _logprobs(entries: list[dict]) -> list[pb.TokenLogprob]:
@@ -112,37 +106,38 @@ def _usage(prompt_tokens: int, n_out: int) -> pb.Usage:
                     total_tokens=prompt_tokens + n_out)
 
 
-class PdServeGrpc:
-    """The RPCs of ``pdserve.v1.PdServe`` as deployment methods (see module doc)."""
+class PdServeService(pbg.PdServeServicer):
+    """The RPCs of ``pdserve.v1.PdServe`` over a ``Frontend``."""
 
-    front: Frontend  # set by the deployment's constructor
+    def __init__(self, front: Frontend) -> None:
+        self.front = front
 
-    def _begin(self, request, grpc_context):
+    def _begin(self, request: pb.GenerateRequest, context) -> tuple[Any, Deadline]:
         f = self.front
-        md = _metadata(grpc_context)
+        md = _metadata(context)
         f.auth.check_key(md.get("authorization"))
         body = request_body(request)
         job = f.chat_job(body) if isinstance(body, ChatCompletionRequest) else \
             f.completion_job(body)
-        return f, job, f.deadline(_timeout(md))
+        return job, f.deadline(_timeout(md, context))
 
-    async def Generate(self, request: pb.GenerateRequest, grpc_context=None):
+    async def Generate(self, request: pb.GenerateRequest, context) -> None:
         ticket = pieces = None
         try:
-            f, job, deadline = self._begin(request, grpc_context)
-            ticket = await f.admit(deadline)
-            pieces = f.stream(job, ticket, deadline)
+            job, deadline = self._begin(request, context)
+            ticket = await self.front.admit(deadline)
+            pieces = self.front.stream(job, ticket, deadline)
             async for p in pieces:
                 if p.text or p.finish_reason or p.logprobs:
-                    yield self._message(job, p)
+                    await context.write(self._message(job, p))
         except ApiError as e:
-            _fail(grpc_context, e)
-            raise CallFailed(e.message) from None
+            await _abort(context, e)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
         except Exception as e:
             log.exception("gRPC Generate failed")
-            _fail(grpc_context, InternalError(f"generation failed ({type(e).__name__})"))
-            raise CallFailed(str(e)) from None
-        finally:
+            await _abort(context, InternalError(f"generation failed ({type(e).__name__})"))
+        finally:  # also on cancellation (client gone, deadline): aborts the request everywhere
             if pieces is not None:
                 await pieces.aclose()
             if ticket is not None:
@@ -156,20 +151,20 @@ class PdServeGrpc:
             m.usage.CopyFrom(_usage(len(job.prompt_ids), p.num_output_tokens))
         return m
 
-    async def Complete(self, request: pb.GenerateRequest, grpc_context=None) -> pb.CompleteResponse:
+    async def Complete(self, request: pb.GenerateRequest, context) -> pb.CompleteResponse:
         ticket = pieces = None
         try:
-            f, job, deadline = self._begin(request, grpc_context)
-            ticket = await f.admit(deadline)
-            pieces = f.stream(job, ticket, deadline)
+            job, deadline = self._begin(request, context)
+            ticket = await self.front.admit(deadline)
+            pieces = self.front.stream(job, ticket, deadline)
             got = [p async for p in pieces]
         except ApiError as e:
-            _fail(grpc_context, e)
-            return pb.CompleteResponse()
+            await _abort(context, e)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
         except Exception as e:
             log.exception("gRPC Complete failed")
-            _fail(grpc_context, InternalError(f"generation failed ({type(e).__name__})"))
-            return pb.CompleteResponse()
+            await _abort(context, InternalError(f"generation failed ({type(e).__name__})"))
         finally:
             if pieces is not None:
                 await pieces.aclose()
@@ -177,20 +172,60 @@ class PdServeGrpc:
                 ticket.close()
         n_out = got[-1].num_output_tokens if got else 0
         return pb.CompleteResponse(
-            request_id=job.request_id, model=f.model_name, text="".join(p.text for p in got),
+            request_id=job.request_id, model=self.front.model_name,
+            text="".join(p.text for p in got),
             finish_reason=next((p.finish_reason for p in reversed(got) if p.finish_reason), ""),
             logprobs=_logprobs([e for p in got for e in p.logprobs]),
             usage=_usage(len(job.prompt_ids), n_out))
 
-    async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None
-                         ) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         try:
-            self.front.auth.check_key(_metadata(grpc_context).get("authorization"))
+            self.front.auth.check_key(_metadata(context).get("authorization"))
         except ApiError as e:
-            _fail(grpc_context, e)
-            return pb.ListModelsResponse()
+            await _abort(context, e)
         return pb.ListModelsResponse(models=[pb.ModelInfo(id=self.front.model_name,
                                                           max_model_len=self.front.max_model_len)])
 
-    async def Health(self, request: pb.HealthRequest, grpc_context=None) -> pb.HealthResponse:
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         return pb.HealthResponse(status="ok")
+
+
+class GrpcServer:
+    """The gRPC service on ``host:port``. ``start`` must run on the event loop that serves
+    it (the router replica's: Serve runs the constructor there); the port is bound before
+    ``start`` returns, so a port in use fails the replica's start with a clear message.
+    ``SO_REUSEPORT`` lets several router replicas on one node share the port."""
+
+    def __init__(self, front: Frontend, host: str, port: int) -> None:
+        self.front, self.host, self.port = front, host, port
+        self._server: grpc.aio.Server | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> GrpcServer:
+        loop = asyncio.get_running_loop()
+        self._server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 1),
+            # the same request-size limit as HTTP (grpc answers RESOURCE_EXHAUSTED beyond it)
+            ("grpc.max_receive_message_length", self.front.max_body_bytes if self.front else -1),
+        ])
+        pbg.add_PdServeServicer_to_server(PdServeService(self.front), self._server)
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        try:
+            bound = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpcio raises (or, in older versions, returns 0)
+            bound = 0
+        if bound != self.port:
+            raise RuntimeError(f"router.grpc_port: cannot listen on {address} (is the port in "
+                               "use?); choose another port")
+        self._task = loop.create_task(self._server.start())
+        self._task.add_done_callback(self._started)
+        log.info("pdserve gRPC API on %s", address)
+        return self
+
+    def _started(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the gRPC server failed to start: %s", task.exception())
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace_s)

@@ -1,5 +1,6 @@
-"""The router's Serve ingress deployment: the FastAPI app (HTTP) and the gRPC methods
-(``grpc_service.PdServeGrpc``, reached through Serve's gRPC proxy) over the orchestrator."""
+"""The router's Serve ingress deployment: the FastAPI app (HTTP, through Serve's proxy) and,
+with ``router.grpc_port``, the gRPC API (``grpc_service.GrpcServer``, served by this replica
+on ``router.host``), both over one ``Frontend`` and the orchestrator."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ray import serve
 
 from .api import build_fastapi
 from .frontend import Frontend
-from .grpc_service import PdServeGrpc
+from .grpc_service import GrpcServer
 from .orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ app = build_fastapi(_current_front)
 
 
 @serve.ingress(app)
-class Router(PdServeGrpc):
+class Router:
     def __init__(self, app_config: dict, model_path: str, model_name: str,
                  prefill=None, decode=None, colocated=None) -> None:
         global _front
@@ -52,4 +53,7 @@ class Router(PdServeGrpc):
         _front = Frontend.for_app(app_config, load_tokenizer(model_path), model_name,
                                   mc.max_position_embeddings, mc.vocab_size, orch)
         self.front = _front
+        # Started here: Serve runs the constructor on the replica's event loop, which serves it.
+        self.grpc = GrpcServer(_front, r["host"], r["grpc_port"]).start() \
+            if r.get("grpc_port") else None
         log.info("pdserve router ready (%s mode)", app_config["mode"])

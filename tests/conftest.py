@@ -10,6 +10,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the Triton kernels are tested under the interpreter, which must be chosen
+# before anything imports triton (tests/kernels relies on it; nothing else is affected:
+# the engine uses the torch references unless PDSERVE_KERNELS=triton).
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Local Ray on loopback only (see pdserve.cluster.launcher.loopback_ray_env); set before any
 # test module imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -57,28 +62,16 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def _serve_ports(ray_session) -> tuple[int, int]:
-    """Serve's HTTP and gRPC proxies (pdserve's gRPC service), both on free loopback ports.
-    Serve takes its proxy options once per session, so both start here together."""
-    from pdserve.cluster.launcher import free_port
-    from pdserve.router.proto import SERVICER_FUNCTION
+def serve_http(ray_session) -> str:
+    """Serve's HTTP proxy on a free loopback port. (pdserve's gRPC API is served by each
+    app's router replica on its own ``router.grpc_port``, not by Serve's gRPC proxy.)"""
     from ray import serve
 
-    http, grpc = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http},
-                grpc_options={"port": grpc, "grpc_servicer_functions": [SERVICER_FUNCTION]})
-    return http, grpc
+    from pdserve.cluster.launcher import free_port
 
-
-@pytest.fixture(scope="session")
-def serve_http(_serve_ports) -> str:
-    return f"http://127.0.0.1:{_serve_ports[0]}"
-
-
-@pytest.fixture(scope="session")
-def serve_grpc(_serve_ports) -> str:
-    """``host:port`` of Serve's gRPC proxy (send ``application`` metadata to pick an app)."""
-    return f"127.0.0.1:{_serve_ports[1]}"
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

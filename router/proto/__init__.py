@@ -14,7 +14,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 PROTO = HERE / "pdserve.proto"
 STUBS = ("pdserve_pb2.py", "pdserve_pb2_grpc.py")
-# For Ray Serve's gRPC proxy (``grpc_options.grpc_servicer_functions``).
+# The servicer's registration function, for a Ray Serve gRPC proxy config. pdserve itself does
+# not serve through that proxy (it loses cancellations and binds every interface, see
+# ``router/grpc_service.py``): its gRPC API is the router replica's, on ``router.grpc_port``.
 SERVICER_FUNCTION = "pdserve.router.proto.pdserve_pb2_grpc.add_PdServeServicer_to_server"
 
 

@@ -1,2 +1,2 @@
-"""The session's local Ray Serve fixtures (``ray_session``, ``serve_http``, ``serve_grpc``,
-``cluster_model``) live in ``tests/conftest.py``, shared with ``tests/router``."""
+"""The session's local Ray Serve fixtures (``ray_session``, ``serve_http``, ``cluster_model``)
+live in ``tests/conftest.py``, shared with ``tests/router``."""

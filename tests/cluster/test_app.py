@@ -24,7 +24,11 @@ N = 10
 def apps(serve_http, cluster_model):
     deploy("disagg", cluster_model, kv_transfer={"timeout_s": 4.0}, testing_faults=True)
     deploy("colo", cluster_model, mode="colocated")
-    return {"disagg": f"{serve_http}/disagg", "colo": f"{serve_http}/colo"}
+    yield {"disagg": f"{serve_http}/disagg", "colo": f"{serve_http}/colo"}
+    from ray import serve
+
+    serve.delete("disagg")  # free the session's CPUs for the next module's apps
+    serve.delete("colo")
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,9 @@ def ft(serve_http, cluster_model):
             and time.monotonic() < deadline:
         time.sleep(0.2)
     yield f"{serve_http}/ft", store
+    from ray import serve
+
+    serve.delete("ft")
     redis.stop()
 
 
@@ -97,14 +100,14 @@ async def test_decode_replica_killed_mid_stream(ft, ref):
         seen["n"] += 1
 
     async with httpx.AsyncClient(timeout=300) as c:
-        tasks = [asyncio.create_task(stream(c, url, p, on_token=tick)) for p in ps]
+        tasks = [asyncio.create_task(stream(c, url, p, n=300, on_token=tick)) for p in ps]
         await wait_until(lambda: asyncio.sleep(0, seen["n"] >= 8 * 5))
         stats = await instance_stats("decode", store)
         victim = max(stats.values(), key=lambda s: s.running)
         assert victim.running > 0
         os.kill(victim.pid, signal.SIGKILL)  # the replica's process, for real
         got = await asyncio.wait_for(asyncio.gather(*tasks), 240)
-    assert got == ref(ps)
+    assert got == ref(ps, 300)
 
 
 async def test_prefill_replica_killed_with_requests_queued(ft, ref):
@@ -129,7 +132,7 @@ async def test_drain_moves_requests_and_empties_the_instance(ft, ref):
     seen = {"n": 0}
     decode = serve.get_deployment_handle("decode", app_name="ft")
     async with httpx.AsyncClient(timeout=300) as c:
-        tasks = [asyncio.create_task(stream(c, url, p, on_token=lambda: seen.__setitem__(
+        tasks = [asyncio.create_task(stream(c, url, p, n=400, on_token=lambda: seen.__setitem__(
             "n", seen["n"] + 1))) for p in ps]
         await wait_until(lambda: asyncio.sleep(0, seen["n"] >= 6 * 4))
         stats = await instance_stats("decode", store)
@@ -138,7 +141,7 @@ async def test_drain_moves_requests_and_empties_the_instance(ft, ref):
         got = await asyncio.wait_for(asyncio.gather(*tasks), 240)
         after = await decode.stats.remote(target=busiest)
         await decode.undrain.remote(target=busiest)
-    assert got == ref(ps)
+    assert got == ref(ps, 400)
     assert after.running == 0 and after.free_blocks == after.total_blocks
 
 

@@ -119,3 +119,6 @@ async def test_prefix_aware_routing_and_redis_outage(serve_http, cluster_model, 
             assert await _complete(c, url, systems[0] + [10])
         finally:
             back.stop()
+            from ray import serve
+
+            serve.delete("prefix")

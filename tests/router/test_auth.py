@@ -53,10 +53,10 @@ def test_no_keys_means_loopback_only(monkeypatch):
     monkeypatch.delenv("PDSERVE_API_KEYS", raising=False)
     AppConfig.from_dict({"router": {"host": "127.0.0.1"}})
     AppConfig.from_dict({"router": {"host": "localhost"}})
-    with pytest.raises(ConfigError, match="not a loopback address and no API keys"):
-        AppConfig.from_dict({"router": {"host": "0.0.0.0"}})
-    with pytest.raises(ConfigError, match="gRPC proxy listens on every interface"):
-        AppConfig.from_dict({"router": {"grpc_port": 9000}})
+    AppConfig.from_dict({"router": {"grpc_port": 9000}})  # gRPC binds router.host too
+    for host in ("0.0.0.0", "::", "10.1.2.3"):
+        with pytest.raises(ConfigError, match="not a loopback address and no API keys"):
+            AppConfig.from_dict({"router": {"host": host, "grpc_port": 9000}})
     # explicitly allowed, or with keys (config or environment): fine
     AppConfig.from_dict({"router": {"host": "0.0.0.0", "allow_public_without_keys": True}})
     AppConfig.from_dict({"router": {"host": "0.0.0.0", "grpc_port": 9000, "api_keys": ["k"]}})

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import idle, wait_idle
+from pdserve.cluster.cli import main
+from router_apps import idle, wait_idle
 
 from pdserve.client import AsyncClient, Chunk, Client, PdServeError, _UsageFold
-from pdserve.cluster.cli import main
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -24,7 +24,7 @@ def urls(app) -> dict[str, str]:
 async def test_four_ways_agree(api_app):
     texts = {}
     for proto, url in urls(api_app).items():
-        async with AsyncClient(url, api_app.key, application=api_app.name) as c:
+        async with AsyncClient(url, api_app.key) as c:
             done = await c.complete("The quick brown fox", **GREEDY)
             chunks = [ch async for ch in c.stream("The quick brown fox", **GREEDY)]
             chat = await c.complete(messages=[{"role": "user", "content": "hi"}], **GREEDY)
@@ -36,7 +36,7 @@ async def test_four_ways_agree(api_app):
         texts[f"async-{proto}"] = (done.text, chat.text)
 
         def sync_calls(url=url):
-            with Client(url, api_app.key, application=api_app.name) as c:
+            with Client(url, api_app.key) as c:
                 done = c.complete("The quick brown fox", **GREEDY)
                 streamed = "".join(ch.text for ch in c.stream("The quick brown fox", **GREEDY))
                 chat = c.complete(messages=[{"role": "user", "content": "hi"}], **GREEDY)
@@ -50,11 +50,11 @@ async def test_four_ways_agree(api_app):
 
 async def test_errors_carry_status_codes(api_app):
     for proto, url in urls(api_app).items():
-        async with AsyncClient(url, "wrong-key", application=api_app.name) as c:
+        async with AsyncClient(url, "wrong-key") as c:
             with pytest.raises(PdServeError) as e:
                 await c.complete("x", max_tokens=2)
             assert e.value.code == "UNAUTHENTICATED", proto
-        async with AsyncClient(url, api_app.key, application=api_app.name) as c:
+        async with AsyncClient(url, api_app.key) as c:
             with pytest.raises(PdServeError) as e:
                 await c.complete("x", temperature=9.0)
             assert e.value.code == "INVALID_ARGUMENT" and "temperature" in e.value.message
@@ -73,7 +73,7 @@ async def test_errors_carry_status_codes(api_app):
 
 async def test_leaving_a_stream_early_frees_the_request(api_app):
     for url in urls(api_app).values():
-        async with AsyncClient(url, api_app.key, application=api_app.name) as c:
+        async with AsyncClient(url, api_app.key) as c:
             n = 0
             async for _ch in c.stream("x", max_tokens=4000, temperature=0, ignore_eos=True):
                 n += 1
@@ -82,7 +82,7 @@ async def test_leaving_a_stream_early_frees_the_request(api_app):
         assert idle(await wait_idle(api_app.name)), url
 
         def sync_break(url=url):
-            with Client(url, api_app.key, application=api_app.name) as c:
+            with Client(url, api_app.key) as c:
                 stream = c.stream("x", max_tokens=4000, temperature=0, ignore_eos=True)
                 for i, _ch in enumerate(stream):
                     if i == 2:
@@ -99,8 +99,8 @@ async def test_cli_client(api_app, capsys):
         want = (await c.complete("The quick brown fox", max_tokens=9, temperature=0)).text
     for url in urls(api_app).values():
         for extra in ([], ["--no-stream"]):
-            rc = await asyncio.to_thread(main, [*base, "--url", url, "--application",
-                                                api_app.name, *extra, "The quick brown fox"])
+            rc = await asyncio.to_thread(main, [*base, "--url", url, *extra,
+                                                "The quick brown fox"])
             out = capsys.readouterr()
             assert rc == 0, out.err
             assert out.out == want + "\n" and "completion_tokens=" in out.err

@@ -1,5 +1,6 @@
-"""The gRPC API through Ray Serve's gRPC proxy: same output as HTTP, real streaming,
-cancellation and deadlines that free the request's blocks, and status codes with messages."""
+"""The gRPC API (served by the router replica): same output as HTTP, real streaming,
+cancellation and deadlines that free the request's blocks every time, and status codes with
+messages."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import time
 import grpc
 import httpx
 import pytest
-from conftest import idle, wait_idle
 from pdserve.router.proto import pdserve_pb2 as pb
 from pdserve.router.proto import pdserve_pb2_grpc as pbg
+from router_apps import idle, wait_idle
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -82,17 +83,19 @@ async def test_grpc_streams_token_by_token(api_app, stub):
 
 
 async def test_grpc_cancel_mid_stream_frees_blocks(api_app, stub):
-    for _ in range(2):
+    """Every cancellation reaches the pools at once, wherever the server is in the stream.
+    (Through Ray Serve's gRPC proxy about 1 in 3 was lost: the request ran to max_tokens.)"""
+    for i in range(8):
         call = stub.Generate(grpc_request(prompt="cancel me", **greedy(max_tokens=4000)),
                              metadata=api_app.grpc_metadata)
         seen = 0
         async for _m in call:
             seen += 1
-            if seen == 3:
+            if seen == 3 + i:
                 break
         call.cancel()
-        stats = await wait_idle(api_app.name)
-        assert idle(stats), stats
+        stats = await wait_idle(api_app.name, timeout_s=3.0)  # 4000 tokens take far longer
+        assert idle(stats), (i, stats)
     # and the app still serves
     done = await stub.Complete(grpc_request(prompt="x", **greedy(max_tokens=2)),
                                metadata=api_app.grpc_metadata)
@@ -125,14 +128,12 @@ async def test_grpc_server_time_limit_is_deadline_exceeded(api_app, stub):
                                   "unknown_model", "empty_messages", "bad_timeout",
                                   "context", "stop_list"])
 async def test_grpc_status_codes(api_app, stub, case):
-    app_md = [("application", api_app.name)]
-    key = [("authorization", f"Bearer {api_app.key}")]
-    md, req = app_md + key, grpc_request(prompt="x", max_tokens=2)
+    md, req = [("authorization", f"Bearer {api_app.key}")], grpc_request(prompt="x", max_tokens=2)
     code, fragment = grpc.StatusCode.INVALID_ARGUMENT, ""
     if case == "no_key":
-        md, code, fragment = app_md, grpc.StatusCode.UNAUTHENTICATED, "missing API key"
+        md, code, fragment = [], grpc.StatusCode.UNAUTHENTICATED, "missing API key"
     elif case == "wrong_key":
-        md = app_md + [("authorization", "Bearer nope")]
+        md = [("authorization", "Bearer nope")]
         code, fragment = grpc.StatusCode.UNAUTHENTICATED, "invalid API key"
     elif case == "bad_temperature":
         req, fragment = grpc_request(prompt="x", temperature=7.5), "temperature"
@@ -161,10 +162,9 @@ async def test_grpc_status_codes(api_app, stub, case):
 
 
 async def test_grpc_health_needs_no_key_models_need_one(api_app, stub):
-    app_md = [("application", api_app.name)]
-    assert (await stub.Health(pb.HealthRequest(), metadata=app_md)).status == "ok"
+    assert (await stub.Health(pb.HealthRequest())).status == "ok"
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await stub.ListModels(pb.ListModelsRequest(), metadata=app_md)
+        await stub.ListModels(pb.ListModelsRequest())
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     r = await stub.ListModels(pb.ListModelsRequest(), metadata=api_app.grpc_metadata)
     assert [(m.id, m.max_model_len) for m in r.models] == [(api_app.model, 8192)]
@@ -184,3 +184,35 @@ async def test_concurrent_grpc_and_http_streams_match(api_app, stub):
 
     got = await asyncio.gather(*(g(p) for p in prompts), *(h(p) for p in prompts))
     assert got == want + want
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses with a listening TCP socket on ``port`` (from /proc/net/tcp{,6})."""
+    out = set()
+    for name in ("tcp", "tcp6"):
+        for line in open(f"/proc/net/{name}").read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                out.add(addr)
+    return out
+
+
+async def test_grpc_listens_on_loopback_only(api_app):
+    port = int(api_app.grpc.rsplit(":", 1)[1])
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1 (v4, v4-mapped v6)
+    found = _listening(port)
+    assert found and found <= loopback, found  # no 0.0.0.0 or [::] socket
+
+
+async def test_grpc_port_in_use_fails_with_a_clear_message():
+    import socket
+
+    from pdserve.router.grpc_service import GrpcServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}"):
+            GrpcServer(None, "127.0.0.1", port).start()

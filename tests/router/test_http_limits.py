@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from conftest import ADMIN_TOKEN, API_KEYS, idle, wait_idle
+from router_apps import ADMIN_TOKEN, API_KEYS, idle, wait_idle
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 

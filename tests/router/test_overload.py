@@ -12,9 +12,9 @@ import asyncio
 import grpc
 import httpx
 import pytest
-from conftest import SMALL_ADMIN, idle, wait_idle
 from pdserve.router.proto import pdserve_pb2 as pb
 from pdserve.router.proto import pdserve_pb2_grpc as pbg
+from router_apps import SMALL_ADMIN, idle, wait_idle
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -73,7 +73,7 @@ async def test_http_overload_gets_429_and_the_rest_complete(small_app):
 
 
 async def test_grpc_overload_is_resource_exhausted(small_app):
-    md = [("application", small_app.name)]
+    md: list[tuple[str, str]] = []
     req = pb.GenerateRequest(prompt="x", max_tokens=TOKENS, temperature=0, ignore_eos=True)
     async with grpc.aio.insecure_channel(small_app.grpc) as ch:
         stub = pbg.PdServeStub(ch)
@@ -89,9 +89,10 @@ async def test_grpc_overload_is_resource_exhausted(small_app):
     codes = [r[0] for r in results]
     assert codes.count("RESOURCE_EXHAUSTED") >= 2 and codes.count("OK") >= 4, results
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, results
-    for code, detail, _trailers in results:
+    for code, detail, trailers in results:
         if code == "OK":
             assert detail == TOKENS
         else:
             assert "queue holds 2" in detail and "retry in 2 s" in detail
+            assert trailers.get("retry-after-s") == "2"
     assert idle(await wait_idle(small_app.name))

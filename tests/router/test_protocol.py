@@ -32,8 +32,8 @@ def test_messages_name_the_field_and_what_to_send():
         {"type": "text", "text": "a"}, {"type": "input_audio"}]}]}) == (
         "messages[0].content: content part 1 has type 'input_audio'; only 'text' parts are "
         "supported (this model reads text only)")
-    assert message(ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}],
-                                           "top_logprobs": 1}) == "top_logprobs requires logprobs=true"
+    lone = {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 1}
+    assert message(ChatCompletionRequest, lone) == "top_logprobs requires logprobs=true"
     assert message(CompletionRequest, {}) == "prompt: this field is required"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import idle, wait_idle
+from router_apps import idle, wait_idle
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
