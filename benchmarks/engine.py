@@ -29,7 +29,7 @@ def workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[i
 
 
 def run_pdserve(path, prompts, out_len, dtype, max_batched=4096):
-    e = Engine(EngineConfig(ModelConfig.from_path(path, dtype), CacheConfig(memory_bytes=2 << 30),
+    e = Engine(EngineConfig(ModelConfig.from_path(path, dtype), CacheConfig(memory_bytes=2 << 30, prefix_caching=False),
                             SchedulerConfig(max_num_batched_tokens=max_batched)))
     warm = e.add_request(prompts[0][:32], SamplingParams(max_tokens=2, temperature=0))
     while e.has_work:
@@ -67,7 +67,7 @@ def prefill_time(path, dtype, prompts, padded: bool, reps: int = 2) -> float:
     longest: the padding tokens are computed like real ones, which is what padding costs)."""
     width = max(len(p) for p in prompts)
     budget = width * len(prompts)
-    e = Engine(EngineConfig(ModelConfig.from_path(path, dtype), CacheConfig(memory_bytes=2 << 30),
+    e = Engine(EngineConfig(ModelConfig.from_path(path, dtype), CacheConfig(memory_bytes=2 << 30, prefix_caching=False),
                             SchedulerConfig(max_num_batched_tokens=budget)))
     batch = [p + [0] * (width - len(p)) if padded else p for p in prompts]
     best = float("inf")

@@ -37,7 +37,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < 1e-5 or self.top_k == 1  # tiny temperatures: argmax
 
 
 class Status(enum.Enum):

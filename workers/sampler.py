@@ -68,6 +68,13 @@ class Sampler:
             p = sorted_x.softmax(-1)
             # drop a token when the mass strictly before it already reaches top_p
             drop = (p.cumsum(-1) - p) >= ps[:, None]
+            drop[:, 0] = False  # the most likely token always stays (top_p may round to 0)
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             x = torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)
-        return x.softmax(-1)
+        probs = x.softmax(-1)
+        # A row can only go non-finite through extreme parameters (overflowing temperature
+        # scaling); fall back to that row's argmax rather than fail the whole batch.
+        bad = ~torch.isfinite(probs).all(-1)
+        if bool(bad.any()):
+            probs[bad] = torch.nn.functional.one_hot(logits[bad].argmax(-1), probs.shape[-1]).to(probs.dtype)
+        return probs

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -190,7 +191,7 @@ def _listening(port: int) -> set[str]:
     """Local addresses with a listening TCP socket on ``port`` (from /proc/net/tcp{,6})."""
     out = set()
     for name in ("tcp", "tcp6"):
-        for line in open(f"/proc/net/{name}").read().splitlines()[1:]:
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
             local, state = line.split()[1], line.split()[3]
             addr, hexport = local.split(":")
             if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN

@@ -72,3 +72,15 @@ def test_logprobs_are_log_softmax_and_include_chosen():
     assert toks == [0]
     assert set(lps[0]) == {0, 1}
     assert abs(lps[0][1] - float(lp[1])) < 1e-6
+
+
+def test_extreme_parameters_never_produce_nan():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 40) * 30
+    reqs = [req(top_p=5e-324), req(temperature=1e-30, top_k=3), req(temperature=2.0, top_p=1e-9)]
+    probs = Sampler.probabilities(logits, reqs)
+    assert torch.isfinite(probs).all()
+    for i in range(3):
+        assert probs[i].argmax() == logits[i].argmax() and probs[i].max() == 1.0
+    toks, _ = Sampler(0)(logits, reqs)
+    assert toks == logits.argmax(-1).tolist()
