@@ -25,10 +25,15 @@ STATS_PERIOD_S = 0.5  # how often replicas report routing stats to the routers
 
 def _pool(cfg: AppConfig, role: str, model_path: str, decode_handle=None):
     pool = cfg.pools[role]
+    tp_opts = {}
+    if pool.tp > 1:  # the replica is rank 0 in bundle 0; ranks 1.. take the other bundles
+        tp_opts = {"placement_group_bundles": [{"CPU": pool.cpus}] * pool.tp,
+                   "placement_group_strategy": "STRICT_PACK"}
     return serve.deployment(PoolWorker).options(
         name=role,
         num_replicas=pool.replicas,
-        ray_actor_options={"num_cpus": pool.cpus * pool.tp},
+        ray_actor_options={"num_cpus": pool.cpus if pool.tp > 1 else pool.cpus * pool.tp},
+        **tp_opts,
         max_ongoing_requests=100_000,  # admission is the engine's bounded queue, not Serve's
         request_router_config=RequestRouterConfig(
             request_router_class=InstanceRouter,
@@ -49,9 +54,11 @@ def build_app(config: AppConfig | dict[str, Any] | None = None):
     mc = ModelConfig.from_path(model_path)
     cfg.check_model(mc.num_heads, mc.num_kv_heads)
     for name, pool in cfg.pools.items():
-        if pool.tp != 1:
-            raise NotImplementedError(f"{name}.tp={pool.tp}: tensor-parallel pools are not wired "
-                                      "into the app yet; use tp: 1")
+        if pool.tp != 1 and cfg.mode != "colocated":
+            raise NotImplementedError(
+                f"{name}.tp={pool.tp}: tensor-parallel instances run in colocated mode for now; "
+                "disaggregated pools need per-rank KV transfer, which is not wired into the app "
+                "yet (the transfer layer supports it). Use tp: 1 or mode: colocated")
     name = DEFAULT_MODEL if cfg.model is None or cfg.model.lower() in ("smollm2", DEFAULT_MODEL.lower()) \
         else cfg.model.rstrip("/").split("/")[-1]
     router = serve.deployment(Router).options(name="router", num_replicas=1,

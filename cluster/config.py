@@ -207,11 +207,8 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def valid_tp_degrees(num_heads: int, num_kv_heads: int, limit: int = 16) -> list[int]:
-    """TP degrees whose head split works: KV heads divide evenly over ranks, or ranks evenly
-    over KV heads (replication), and query heads follow their KV groups."""
-    out = []
-    for tp in range(1, limit + 1):
-        if num_kv_heads % tp == 0 or tp % num_kv_heads == 0:
-            if num_heads % tp == 0 or (tp % num_kv_heads == 0 and (num_heads // num_kv_heads) % (tp // num_kv_heads) == 0):
-                out.append(tp)
-    return out
+    """TP degrees the engine can split this model's heads over (see workers/tp_layout.py:
+    uneven contiguous KV-head groups when tp <= KV heads, replicated KV heads beyond)."""
+    from pdserve.workers.tp_layout import supports_tp
+
+    return [tp for tp in range(1, limit + 1) if supports_tp(num_heads, num_kv_heads, tp)]

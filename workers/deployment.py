@@ -50,9 +50,15 @@ class PoolWorker:
         self.instance_id = ctx.replica_id.unique_id
         self.decode = decode_handle
         kv = app_config["kv_transfer"]
+        engine = None
+        if pool["tp"] > 1:
+            from .parallel import ParallelConfig
+            from .tp_engine import make_engine
+
+            engine = make_engine(cfg, ParallelConfig(tp=pool["tp"], cpus_per_rank=pool["cpus"]))
         self.inst = Instance(cfg, self.instance_id, host=_channel_host(),
                              transfer_timeout_s=kv["timeout_s"], compress=kv["compress"],
-                             peers=_ServePeers(decode_handle, kv["timeout_s"]))
+                             peers=_ServePeers(decode_handle, kv["timeout_s"]), engine=engine)
         # The global prefix index (Redis) is optional and duck-typed: this package never
         # imports cluster code; build_app hands us a publisher (cluster.metadata).
         self.publisher = None

@@ -162,3 +162,16 @@ async def test_models_health_and_bad_requests(apps):
         r = await c.post(f"{url}/v1/chat/completions", json={"messages": []})
         assert r.status_code == 400
         assert await complete(c, url, "x", 2)  # still healthy
+
+
+async def test_colocated_tp2_pool_matches_single_engine(serve_http, cluster_model, reference):
+    from ray import serve
+
+    deploy("tp2", cluster_model, mode="colocated",
+           colocated={"tp": 2, "cpus": 0.5, "num_blocks": 256})
+    try:
+        async with httpx.AsyncClient(timeout=120) as c:
+            for p in ([5, 6, 7, 8], [(7 * j) % 300 + 3 for j in range(40)]):
+                assert await complete(c, f"{serve_http}/tp2", p) == reference(p)
+    finally:
+        serve.delete("tp2")
