@@ -207,6 +207,16 @@ def build_fastapi(front_getter: Callable[[], Frontend]) -> FastAPI:
         f = _front(front_getter)
         return await _respond(f, f.chat_job(body), body, True, x_request_timeout)
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        """Prometheus text format (unauthenticated, like most scrape endpoints)."""
+        from fastapi.responses import Response
+
+        from .metrics import render
+
+        f = _front(front_getter)
+        return Response(render(dict(f.orch.stats)), media_type="text/plain; version=0.0.4")
+
     @app.get("/admin/stats", responses={401: _ERROR_RESPONSES[401]})
     async def admin_stats():
         """Admission queues and request counters (needs the admin token)."""

@@ -40,6 +40,7 @@ from .errors import (
     RequestTimeout,
     ServiceUnavailable,
 )
+from .metrics import RequestTimer
 from .protocol import ChatCompletionRequest, CompletionRequest, new_id
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,8 @@ class Frontend:
         detok = Detokenizer(self.tok, job.prompt_ids, job.params.stop)
         gen = self.orch.run(job)
         first = True
+        timer = RequestTimer()
+        outcome = "error"
         try:
             while True:
                 # The deadline covers each wait on the pools, never the consumer's own time
@@ -189,19 +192,27 @@ class Frontend:
                 if first:
                     ticket.release("prefill")  # the prompt is done: the next one may prefill
                     first = False
+                timer.tokens_out(c.num_output_tokens)
                 text = detok.add(c.token_ids, final=c.finished)
                 lps = [self._lp_entry(t, lp) for t, lp in zip(c.token_ids, c.logprobs)]
                 if detok.stopped:
+                    outcome = "ok"
                     yield Piece(text, lps, c.num_output_tokens, "stop")
                     return
+                if c.finished:
+                    outcome = "ok"
                 yield Piece(text, lps, c.num_output_tokens, c.finish_reason if c.finished else None)
                 if c.finished:
                     return
-        except (ApiError, asyncio.CancelledError, GeneratorExit):
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled" if outcome != "ok" else outcome
+            raise
+        except ApiError:
             raise
         except Exception as e:
             raise translate(e, self.admission.cfg.retry_after_s, job.request_id) from e
         finally:
+            timer.finish(outcome)
             await gen.aclose()
             ticket.close()
 

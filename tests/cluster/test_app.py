@@ -175,3 +175,21 @@ async def test_colocated_tp2_pool_matches_single_engine(serve_http, cluster_mode
                 assert await complete(c, f"{serve_http}/tp2", p) == reference(p)
     finally:
         serve.delete("tp2")
+
+
+async def test_metrics_appear_and_move_under_load(apps):
+    async with httpx.AsyncClient(timeout=60) as c:
+        def value(text: str, name: str) -> float:
+            for line in text.splitlines():
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    return float(line.rsplit(" ", 1)[1])
+            return 0.0
+
+        before = (await c.get(f"{apps['disagg']}/metrics")).text
+        for p in ([3, 4, 5], [6, 7, 8, 9]):
+            await complete(c, apps["disagg"], p)
+        after = (await c.get(f"{apps['disagg']}/metrics")).text
+    assert value(after, "pdserve_ttft_seconds_count") >= value(before, "pdserve_ttft_seconds_count") + 2
+    assert value(after, "pdserve_output_tokens_total") >= value(before, "pdserve_output_tokens_total") + 2 * N
+    assert 'pdserve_requests_total{outcome="ok"}' in after
+    assert "pdserve_tpot_seconds_bucket" in after and 'event="requests"' in after
