@@ -40,6 +40,7 @@ endif
 bench: setup
 	$(BIN)/python benchmarks/engine.py --quick
 	@if [ -f benchmarks/transfer.py ]; then $(BIN)/python benchmarks/transfer.py --quick; fi
+	@if [ -f benchmarks/prefix.py ]; then $(BIN)/python benchmarks/prefix.py --quick; fi
 	@if [ -f benchmarks/goodput.py ]; then $(BIN)/python benchmarks/goodput.py --quick; fi
 
 lint:
