@@ -201,6 +201,9 @@ def main() -> None:
             "fetches SmolLM2 to the default path)"
         )
     torch.set_num_threads(1)
+    from pdserve.cluster.launcher import loopback_ray_env
+
+    loopback_ray_env()  # keep the local Ray on 127.0.0.1 (before ray is imported)
     import ray
 
     # logical CPUs for every engine's bundles: the engines are alive together but only one

@@ -220,6 +220,9 @@ def run_profile(model: str | None, tp: int = 1, dtype: str = "float32", cpus: fl
     mcfg = ModelConfig.from_path(path, dtype)
     started_ray = False
     if tp > 1:
+        from .launcher import loopback_ray_env
+
+        loopback_ray_env()  # before ray's first import, or Ray binds the external address
         import ray
 
         if not ray.is_initialized():
