@@ -98,3 +98,30 @@ async def test_unclaimed_reservation_expires_and_full_pool_refuses(pair):
     assert dec.stats().free_blocks == dec.stats().total_blocks
     with pytest.raises(NoCapacity):
         dec.reserve(Job("huge", [1] * 97 * 16, SamplingParams()))
+
+
+async def test_int8_compressed_transfer_saves_bytes_and_keeps_output_close(tiny_llama):
+    mc = ModelConfig.from_path(tiny_llama)
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[(3 * i + j) % 300 + 3 for j in range(20 + 13 * i)] for i in range(6)]
+    sent = {}
+    outs = {}
+    for compress in (None, "int8"):
+        dec = Instance(EngineConfig(mc, CacheConfig(num_blocks=96), SchedulerConfig(role="decode")),
+                       "D0", transfer_timeout_s=5.0, compress=compress)
+        pre = Instance(EngineConfig(mc, CacheConfig(num_blocks=96), SchedulerConfig(role="prefill")),
+                       "P0", transfer_timeout_s=5.0, compress=compress, peers=DirectPeers(dec))
+        try:
+            outs[compress] = [await run(pre, dec, f"{compress}-{i}", p, sp)
+                              for i, p in enumerate(prompts)]
+            sent[compress] = sum(t["bytes"] for t in pre.transfer_log)
+        finally:
+            pre.shutdown()
+            dec.shutdown()
+    assert sent["int8"] < 0.5 * sent[None]  # fp32 -> int8 plus scales
+    first = [a[0] == b[0] for a, b in zip(outs[None], outs["int8"])]
+    assert all(first)  # the first token comes from the prefill side, unaffected
+    agree = sum(x == y for a, b in zip(outs[None], outs["int8"]) for x, y in zip(a, b))
+    rate = agree / sum(len(a) for a in outs[None])
+    print(f"int8 transfer: {sent['int8'] / sent[None]:.3f} of the bytes, token agreement {rate:.3f}")
+    assert rate >= 0.5, (outs[None], outs["int8"])
