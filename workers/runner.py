@@ -59,20 +59,18 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, AttnMetadata, torch.Tensor]:
         bs = self.block_size
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        positions: list[int] = []
+        slots: list[int] = []
         sample_idx: list[int] = []
         cu, prefix, tables, ctx = [0], [], [], []
         offset = 0
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
             s = req.num_computed
-            toks = req.all_ids[s : s + n]
-            ids.extend(toks)
-            pos = torch.arange(s, s + n)
-            table = torch.tensor(req.block_ids, dtype=torch.int64)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables.append(req.block_ids)
+            ids.extend(req.token_slice(s, s + n))
+            table = req.block_ids
+            positions.extend(range(s, s + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(s, s + n))
+            tables.append(table)
             offset += n
             if s + n == req.num_tokens:
                 sample_idx.append(offset - 1)
@@ -84,8 +82,8 @@ class ModelRunner:
         nd = batch.num_decodes
         dev = self.device
         meta = AttnMetadata(
-            positions=torch.cat(positions).to(dev),
-            slot_mapping=torch.cat(slots).to(dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             num_decodes=nd,
             decode_block_tables=_pad(tables[:nd]).to(dev),
             decode_context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
