@@ -368,8 +368,7 @@ class Instance:
 
     def _expire(self, request_id: str, inc: _Incoming) -> None:
         if not inc.claimed and not inc.receiving and self._incoming.get(request_id) is inc:
-            if not inc.arrived.is_set() or inc.error is None:
-                log.warning("reservation for %s expired unclaimed; freeing its blocks", request_id)
+            log.warning("reservation for %s expired unclaimed; freeing its blocks", request_id)
             inc.aborted = True
             self._free_incoming(request_id, inc)
 
