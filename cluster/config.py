@@ -119,6 +119,55 @@ class SLOConfig:
     tpot_s: float = 0.1
 
 
+POOLS = ("prefill", "decode", "colocated")
+
+
+@dataclass(frozen=True)
+class PoolScaling:
+    min_replicas: int = 1
+    max_replicas: int = 4
+
+    def __post_init__(self) -> None:
+        _need(1 <= self.min_replicas <= self.max_replicas,
+              f"autoscaling: need 1 <= min_replicas ({self.min_replicas}) <= max_replicas "
+              f"({self.max_replicas})")
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    """SLO-driven replica counts per pool (``cluster/scaling.py`` applies
+    ``cluster/autoscaler.py``'s policy). ``policy`` overrides ``ScalingPolicy`` knobs
+    (thresholds, ``out_after_s``, cooldowns, ``warmup_s``, ``prior_prefill_tokens_per_s``)."""
+
+    enabled: bool = False
+    interval_s: float = 2.0  # how often pools are measured and decided on
+    prefill: PoolScaling = field(default_factory=PoolScaling)
+    decode: PoolScaling = field(default_factory=PoolScaling)
+    colocated: PoolScaling = field(default_factory=PoolScaling)
+    policy: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in POOLS:
+            v = getattr(self, name)
+            if isinstance(v, dict):
+                bad = set(v) - {"min_replicas", "max_replicas"}
+                _need(not bad, f"autoscaling.{name}: unknown keys {', '.join(sorted(bad))}; "
+                      "known: min_replicas, max_replicas")
+                object.__setattr__(self, name, PoolScaling(**v))
+        _need(self.interval_s > 0, f"autoscaling.interval_s={self.interval_s}: must be positive")
+        from .autoscaler import ScalingPolicy
+
+        known = set(ScalingPolicy.__dataclass_fields__) - {
+            "min_replicas", "max_replicas", "ttft_slo_s", "tpot_slo_s"}
+        bad = set(self.policy) - known
+        _need(not bad, f"autoscaling.policy: unknown keys {', '.join(sorted(bad))}; known: "
+              f"{', '.join(sorted(known))}")
+        try:
+            ScalingPolicy(**self.policy)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"autoscaling.policy: {e}") from None
+
+
 @dataclass(frozen=True)
 class AppConfig:
     model: str | None = None  # None: the default model
@@ -131,6 +180,7 @@ class AppConfig:
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     redis_url: str | None = None
     testing_faults: bool = False  # allow the fault-injection hook (tests only)
 
@@ -159,7 +209,8 @@ class AppConfig:
     def from_dict(cls, d: dict[str, Any] | None) -> AppConfig:
         d = dict(d or {})
         nested = {"prefill": PoolConfig, "decode": PoolConfig, "colocated": PoolConfig,
-                  "kv_transfer": KVTransferConfig, "router": RouterConfig, "slo": SLOConfig}
+                  "kv_transfer": KVTransferConfig, "router": RouterConfig, "slo": SLOConfig,
+                  "autoscaling": AutoscalingConfig}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         _need(not unknown, f"unknown config keys: {', '.join(sorted(unknown))}; known: "
