@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from .engine import Engine
-from .request import Request, RequestOutput, SamplingParams
+from .request import Chunks, Request, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,11 @@ class AsyncEngine:
             return fn(self.engine, *args)
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        chunks: Chunks | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        async for o in self.stream(lambda e: e.add_request(prompt_ids, params, request_id)):
+        async for o in self.stream(lambda e: e.add_request(prompt_ids, params, request_id,
+                                                           chunks)):
             yield o
 
     async def stream(self, add: Callable[[Engine], Request]) -> AsyncIterator[RequestOutput]:

@@ -147,7 +147,7 @@ class BlockManager:
     def match_prefix(self, req: Request) -> int:
         """Give a fresh request (no blocks yet) the cached blocks of its longest cached
         prefix, leaving at least one token to compute. Returns the tokens matched."""
-        if not self.prefix_caching or req.block_ids or req.num_computed:
+        if not self.prefix_caching or req.block_ids or req.num_computed or req.chunks:
             return 0
         n = req.num_tokens
         self.queries += n
@@ -174,8 +174,9 @@ class BlockManager:
         req.num_computed = 0
 
     def commit_full_blocks(self, req: Request) -> None:
-        """Publish the hashes of ``req``'s blocks that are now completely computed."""
-        if not self.prefix_caching:
+        """Publish the hashes of ``req``'s blocks that are now completely computed (never
+        those of a request with blended chunk KV: not what its tokens alone produce)."""
+        if not self.prefix_caching or req.chunks:
             return
         full = req.num_computed // self.block_size
         hs = self.block_hashes(req, full * self.block_size)

@@ -135,9 +135,36 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ChunkConfig:
+    """RAG chunk caches (CacheBlend): where chunk KV is kept and how much of it is recomputed.
+
+    A chunk's KV lives in the first tier with room: ``memory_bytes`` (the instance's device),
+    then ``host_bytes`` (CPU RAM), then ``disk_bytes`` under ``disk_dir``; least recently used
+    chunks move down a tier, and out of the last one."""
+
+    enabled: bool = True
+    recompute_ratio: float = 0.15  # default fraction of chunk tokens recomputed (README: why)
+    select_layer: int = 1  # layer whose KV deviation picks the tokens to recompute
+    memory_bytes: int = 256 << 20
+    host_bytes: int = 1 << 30
+    disk_bytes: int = 0  # 0: no disk tier
+    disk_dir: str | None = None  # None with disk_bytes > 0: a temporary folder
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(f"chunks.recompute_ratio={self.recompute_ratio}: must be in [0, 1]")
+        if self.select_layer < 1:
+            raise ValueError(f"chunks.select_layer={self.select_layer}: must be >= 1 (layer 0's "
+                             "KV does not depend on other tokens, so it cannot show deviation)")
+        if min(self.memory_bytes, self.host_bytes, self.disk_bytes) < 0:
+            raise ValueError("chunk cache sizes must be >= 0 bytes")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     seed: int = 0  # for requests without their own seed
+    chunks: ChunkConfig = field(default_factory=ChunkConfig)

@@ -14,9 +14,10 @@ from collections.abc import Callable
 import torch
 
 from .block_manager import BlockManager
+from .chunk_prefill import ChunkPrefill
 from .config import EngineConfig
 from .model import LlamaModel
-from .request import Request, RequestOutput, SamplingParams, Status
+from .request import Chunks, Request, RequestOutput, SamplingParams, Status
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import QueueFull, ScheduledBatch, Scheduler
@@ -52,6 +53,13 @@ class Engine:
         # on_layer(i, batch): runs once layer i's KV of ``batch`` is in the cache (the
         # KV-transfer layer pushes layer i from here while layer i+1 computes)
         self.on_layer: Callable[[int, ScheduledBatch], None] | None = None
+        # RAG chunk reuse (CacheBlend), single-rank engines only (a TP engine prefills chunk
+        # requests in full)
+        self.chunk_prefill: ChunkPrefill | None = None
+        if config.chunks.enabled and self.model.all_reduce is None:
+            self.chunk_prefill = ChunkPrefill(
+                config.chunks, self.model, self.runner.kv, self.blocks,
+                f"{mcfg.path}|{mcfg.dtype}", config.scheduler.max_num_batched_tokens)
         log.info(
             "engine ready: %s, role=%s, %d KV blocks of %d tokens",
             mcfg.architecture, config.scheduler.role, self.blocks.num_blocks,
@@ -60,7 +68,8 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        chunks: Chunks | None = None,
     ) -> Request:
         if not prompt_ids:
             raise ValueError("the prompt is empty: send at least one token")
@@ -71,6 +80,11 @@ class Engine:
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         req = Request(rid, list(prompt_ids), params, self.config.model.eos_token_ids)
+        if chunks is not None and chunks.spans and self.chunk_prefill is not None:
+            if chunks.spans[-1][1] > len(prompt_ids):
+                raise ValueError(f"chunk span {chunks.spans[-1]} ends past the prompt's "
+                                 f"{len(prompt_ids)} tokens")
+            req.chunks = chunks
         self.scheduler.add(req)
         self.requests[rid] = req
         return req
@@ -83,12 +97,15 @@ class Engine:
         first_token: int,
         first_logprobs: dict[int, float] | None,
         block_ids: list[int],
+        chunks: Chunks | None = None,
     ) -> Request:
         """Decode role: a request whose prompt KV already sits in ``block_ids`` (received
-        from a prefill instance) and whose first token was sampled there."""
+        from a prefill instance) and whose first token was sampled there. With ``chunks``
+        that KV was blended: it stays out of the prefix cache."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = Request(request_id, list(prompt_ids), params, self.config.model.eos_token_ids)
+        req.chunks = chunks
         req.output_ids.append(first_token)
         if first_logprobs is not None:
             req.output_logprobs.append(first_logprobs)
@@ -126,6 +143,8 @@ class Engine:
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.chunk_prefill is not None:
+            self.chunk_prefill.prepare(self.scheduler.waiting)
         batch = self.scheduler.schedule()
         if batch is None:
             return []

@@ -182,7 +182,8 @@ class Instance:
         self._outgoing[job.request_id] = _Outgoing(desc, channel)
         first = None
         try:
-            async for o in self.aengine.generate(job.prompt_ids, job.params, job.request_id):
+            async for o in self.aengine.generate(job.prompt_ids, job.params, job.request_id,
+                                                 job.chunks):
                 first = o
             t_compute = time.monotonic()
             out = self._outgoing.get(job.request_id)
@@ -393,13 +394,14 @@ class Instance:
         self._incoming.pop(request_id, None)
         job = inc.job
         add = lambda e: e.add_prefilled(request_id, job.prompt_ids, job.params, first_token,  # noqa: E731
-                                        first_logprobs, inc.block_ids)
+                                        first_logprobs, inc.block_ids, job.chunks)
         async for o in self.aengine.stream(add):
             yield _chunk(o)
 
     # ---- colocated role ------------------------------------------------------------------------
     async def generate_full(self, job: Job) -> AsyncIterator[TokenChunk]:
-        async for o in self.aengine.generate(job.prompt_ids, job.params, job.request_id):
+        async for o in self.aengine.generate(job.prompt_ids, job.params, job.request_id,
+                                             job.chunks):
             yield _chunk(o)
 
     # ---- any role ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from pdserve.kvtransfer import ChannelAddress, KVLayout
 
-from .request import SamplingParams
+from .request import Chunks, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Job:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    chunks: Chunks | None = None  # document chunks whose KV may be reused (RAG)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,26 @@ class SamplingParams:
         return self.temperature < 1e-5 or self.top_k == 1  # tiny temperatures: argmax
 
 
+@dataclass(frozen=True)
+class Chunks:
+    """Document chunks marked in a prompt (RAG): their KV may be reused from the chunk cache
+    and blended (CacheBlend; see ``workers/blend.py``)."""
+
+    spans: tuple[tuple[int, int], ...]  # [start, end) token offsets in the prompt, in order
+    recompute_ratio: float | None = None  # fraction of chunk tokens recomputed; None: default
+
+    def __post_init__(self) -> None:
+        prev = 0
+        for s, e in self.spans:
+            if not prev <= s < e:
+                raise ValueError(f"chunk span [{s}, {e}) is empty, negative or overlaps the "
+                                 "previous one; spans must be ordered and disjoint")
+            prev = e
+        if self.recompute_ratio is not None and not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(f"recompute_ratio={self.recompute_ratio}: must be in [0, 1]")
+        object.__setattr__(self, "spans", tuple((int(s), int(e)) for s, e in self.spans))
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -69,6 +89,9 @@ class Request:
     first_token_time: float | None = None
     num_preemptions: int = 0
     generator: object | None = None  # torch.Generator for seeded sampling (set by the sampler)
+    # document chunks (RAG). Their KV is blended, i.e. approximate below ratio 1, so such a
+    # request never reads or fills the prefix cache.
+    chunks: Chunks | None = None
 
     @property
     def num_tokens(self) -> int:
