@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from .engine import Engine
-from .request import Chunks, Request, RequestOutput, SamplingParams
+from .request import Chunks, Request, RequestOutput, SamplingParams, Status
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,13 @@ class AsyncEngine:
                     log.exception("engine step failed; failing the requests in flight")
                     self._fail_all(e)
                     continue
+                # Delivered under the lock, so anything a control call delivers later (an
+                # end-of-stream for a migrated request) is queued after these outputs.
+                for o in outs:
+                    self._deliver(o.request_id, o)
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
-                continue
-            for o in outs:
-                self._deliver(o.request_id, o)
 
     def _fail_all(self, error: BaseException) -> None:
         """Abort every streamed request and hand it ``error`` (called with the lock held)."""
@@ -79,11 +80,29 @@ class AsyncEngine:
 
     async def stream(self, add: Callable[[Engine], Request]) -> AsyncIterator[RequestOutput]:
         """Add a request with ``add(engine)`` (under the lock) and stream its outputs."""
+        rid = self.adopt(add, asyncio.get_running_loop())
+        async for o in self.consume(rid):
+            yield o
+
+    def adopt(self, add: Callable[[Engine], Request], loop: asyncio.AbstractEventLoop) -> str:
+        """Add a request and start buffering its outputs for ``consume`` (on ``loop``), which
+        may come later: a migrated request decodes on before its new stream is opened."""
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             req = add(self.engine)
-            self._streams[req.request_id] = (asyncio.get_running_loop(), q)
+            self._streams[req.request_id] = (loop, q)
         self._wake.set()
+        return req.request_id
+
+    def adopted(self, request_id: str) -> bool:
+        return request_id in self._streams
+
+    async def consume(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The outputs of an adopted request; stopping early aborts it."""
+        s = self._streams.get(request_id)
+        if s is None:
+            raise KeyError(f"no stream for {request_id!r}")
+        q = s[1]
         done = False
         try:
             while not done:
@@ -93,9 +112,9 @@ class AsyncEngine:
                 done = item.finished
                 yield item
         finally:
-            self._streams.pop(req.request_id, None)
+            self._streams.pop(request_id, None)
             if not done:
-                self.abort(req.request_id)
+                self.abort(request_id)
 
     def end(self, request_id: str, reason: str) -> None:
         """Finish a running request now and close its stream with ``reason`` (e.g. "migrate"
@@ -111,6 +130,30 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         with self._lock:
             self.engine.abort(request_id)
+
+    def discard(self, request_id: str) -> None:
+        """Abort an adopted request nobody consumes, and forget its stream."""
+        with self._lock:
+            self.engine.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    # ---- live migration: the source side's pause / resume / hand-over ----------------------
+    def reattach(self, req: Request) -> None:
+        """A detached request decodes on here; if its stream was closed meanwhile (client
+        gone), it is freed instead."""
+        with self._lock:
+            self.engine.reattach(req)
+            if req.request_id not in self._streams:
+                self.engine.abort(req.request_id)
+        self._wake.set()
+
+    def close_detached(self, req: Request, reason: str) -> None:
+        """A detached request now lives elsewhere: free its blocks and end its stream."""
+        with self._lock:
+            self.engine.blocks.free(req)
+            req.status, req.finish_reason = Status.FINISHED, reason
+            self._deliver(req.request_id, RequestOutput(
+                req.request_id, [], [], len(req.prompt_ids), len(req.output_ids), True, reason))
 
     def finish(self, request_id: str, reason: str) -> None:
         with self._lock:

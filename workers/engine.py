@@ -115,6 +115,39 @@ class Engine:
         self.requests[request_id] = req
         return req
 
+    # ---- live migration (workers/migration.py drives these) -------------------------------
+    def detach(self, request_id: str) -> Request | None:
+        """Pause a decoding request: it leaves the batch but keeps its blocks (the caller now
+        owns them: ``reattach`` or ``blocks.free``). None if it is not decoding here."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not Status.RUNNING or req.in_prefill:
+            return None
+        self.scheduler.remove(request_id)
+        del self.requests[request_id]
+        return req
+
+    def reattach(self, req: Request) -> None:
+        """Undo ``detach``: the request decodes on from where it paused."""
+        self.requests[req.request_id] = req
+        self.scheduler.add_prefilled(req)
+
+    def add_migrated(self, request_id: str, prompt_ids: list[int], output_ids: list[int],
+                     output_logprobs: list[dict[int, float]], params: SamplingParams,
+                     block_ids: list[int], generator: torch.Generator | None = None) -> Request:
+        """A decoding request moved here from another instance: the KV of every token but
+        the last sits in ``block_ids``; decoding goes on with the next token."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, list(prompt_ids), params, self.config.model.eos_token_ids)
+        req.output_ids.extend(output_ids)
+        req.output_logprobs.extend(output_logprobs)
+        req.num_computed = req.num_tokens - 1
+        req.block_ids = list(block_ids)
+        req.generator = generator
+        self.scheduler.add_prefilled(req)
+        self.requests[request_id] = req
+        return req
+
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks. Unknown ids are ignored."""
         req = self.requests.pop(request_id, None)

@@ -44,6 +44,8 @@ from pdserve.kvtransfer import (
     connect,
 )
 
+from pdserve.kvtransfer.endpoint import PushSpec, merge_stats, senders
+
 from .async_engine import AsyncEngine
 from .config import EngineConfig
 from .engine import Engine
@@ -56,6 +58,7 @@ from .messages import (
     ReceiveDescriptor,
     TokenChunk,
 )
+from .migration import MigrationError, Migrations
 from .request import Request
 from .scheduler import ScheduledBatch
 
@@ -99,15 +102,17 @@ class _Outgoing:
     """A prefill-side transfer: where the request's KV goes."""
 
     desc: ReceiveDescriptor
-    channel: Channel
+    spec: PushSpec
+    key: int  # names the push on the other TP ranks (their step messages carry it)
+    channels: dict[int, Channel]  # rank 0's, by receiver rank (leased)
     plan: TransferPlan | None = None
     stalled: bool = False  # fault injection: layers are never sent
     error: BaseException | None = None  # a send failed inside the layer hook
 
 
-def _chunk(o) -> TokenChunk:
+def _chunk(o, migrated_to: str | None = None) -> TokenChunk:
     return TokenChunk(o.request_id, o.new_token_ids, o.new_logprobs, o.finished, o.finish_reason,
-                      o.num_prompt_tokens, o.num_output_tokens)
+                      o.num_prompt_tokens, o.num_output_tokens, migrated_to)
 
 
 class Instance:
@@ -126,7 +131,8 @@ class Instance:
         m = config.model
         self.layout = KVLayout(
             num_layers=m.num_layers, block_size=config.cache.block_size,
-            num_kv_heads_total=m.num_kv_heads, head_dim=m.head_dim, tp_size=1,
+            num_kv_heads_total=m.num_kv_heads, head_dim=m.head_dim,
+            tp_size=getattr(getattr(self.engine, "parallel", None), "tp", 1),
             dtype_str=m.dtype,
         )
         self.info = InstanceInfo(instance_id, self.role, time.time_ns(), host, self.layout)
@@ -146,10 +152,18 @@ class Instance:
         self._transfer_ids = itertools.count(1)
         self.transfer_log: list[dict] = []  # recent transfer stats (bytes, wait/transfer/scatter)
         self.engine.on_layer = self._on_layer
+        # The other TP ranks' transfer endpoints (a TP engine's): rank 0 coordinates them over
+        # the control plane, and the step message names the pushes they start (tp_kv.py).
+        self.ranks = getattr(self.engine, "kv_ranks", None)
+        self._push_keys = itertools.count(1)
+        if self.ranks is not None:
+            self.ranks.init(instance_id, self.info.epoch, host, transfer_timeout_s)
+            self.engine.runner.push_orders = self._push_orders
         # Fault injection for tests: name -> how many more times to fail that way.
         #   stall_transfer: register the next transfer but never send its layers
         self.faults: dict[str, int] = {}
         self.draining = False
+        self.migrations = Migrations(self)  # live migration, decode role (migration.py)
 
     # ---- channels --------------------------------------------------------------------------
     def _make_channel(self, peer: PeerId) -> Channel:
@@ -169,17 +183,24 @@ class Instance:
     # ---- prefill role ------------------------------------------------------------------------
     async def prefill(self, job: Job, desc: ReceiveDescriptor) -> PrefillResult:
         t0 = time.monotonic()
-        peer = PeerId(desc.decode.instance_id, desc.decode.epoch, 0)
-        # A channel to the decode instance (made on first use: it opens a listener, we connect),
-        # then tell it to expect this request's KV on that channel.
-        channel = await asyncio.to_thread(self.pool.acquire, peer)
+        d = desc.decode
+        spec = PushSpec(job.request_id, d.instance_id, d.epoch,
+                        tuple(desc.block_ids[desc.num_cached:]), self.layout, d.layout,
+                        self.compress, desc.transfer_id)
+        key = next(self._push_keys)
+        # Channels from each of our TP ranks to the decode ranks it sends heads to (made on
+        # first use: the decode rank opens a listener, ours connects), then tell the decode
+        # instance to expect this request's KV on them.
+        channels = await asyncio.to_thread(self._open_channels, key, spec)
         try:
             await asyncio.to_thread(self.peers.expect, desc, self._me(), self.layout)
         except BaseException:
-            self.pool.release(peer, channel)
+            self._release_channels(spec, channels)
+            if self.ranks is not None:
+                await asyncio.to_thread(lambda: self.ranks.cancel(key, spec, False).result())
             raise
         t_channel = time.monotonic()
-        self._outgoing[job.request_id] = _Outgoing(desc, channel)
+        self._outgoing[job.request_id] = _Outgoing(desc, spec, key, channels)
         first = None
         try:
             async for o in self.aengine.generate(job.prompt_ids, job.params, job.request_id,
@@ -194,7 +215,7 @@ class Instance:
             if out.stalled:  # fault injection: a sender that hangs; the receiver times out
                 await asyncio.sleep(self.timeout)
                 raise TransferFailed(f"{job.request_id}: transfer stalled (injected fault)")
-            stats = await asyncio.to_thread(self.sender.wait_done, job.request_id, self.timeout)
+            stats = await asyncio.to_thread(self._wait_pushes, job.request_id, out)
         except BaseException as e:
             # Stop the request first (waits for a running step, so the layer hook is idle),
             # then finish the transfer protocol so the receiver frees its blocks.
@@ -207,12 +228,7 @@ class Instance:
         finally:
             self._outgoing.pop(job.request_id, None)
             self.aengine.call(lambda e: e.release(job.request_id))
-            self.pool.release(peer, channel)
-            if broken or channel.closed:
-                # A failed transfer leaves a gloo pair unusable (a timeout closes it on both
-                # sides); the next request to this peer builds a fresh channel. A cancelled
-                # transfer (client gone) keeps the channel: the protocol ran to its end.
-                self.pool.invalidate(peer)
+            self._release_channels(spec, channels, broken)
         t_done = time.monotonic()
         self._log_transfer(job.request_id, stats, "send")
         reason = None if first.finish_reason == "prefilled" else first.finish_reason
@@ -224,51 +240,113 @@ class Instance:
         )
 
     def _on_layer(self, layer: int, batch: ScheduledBatch) -> None:
-        """Engine thread, during the forward: push layer ``layer`` of every request whose
-        prompt completes in this step and has a destination."""
-        for req, n, s in zip(batch.requests, batch.num_new, batch.samples()):
+        """Engine thread, during the forward: push layer ``layer`` (rank 0's heads) of every
+        request whose prompt completes in this step and has a destination."""
+        for req, s in zip(batch.requests, batch.samples()):
             out = self._outgoing.get(req.request_id)
             if out is None or not s:
                 continue
-            if out.plan is None:
-                d = out.desc
-                k, nblk = d.num_cached, len(d.block_ids)
-                out.plan = TransferPlan(
-                    req.request_id, req.block_ids[k:nblk], d.block_ids[k:], 0,
-                    self.layout.num_layers, self.layout, d.decode.layout, self.compress,
-                    d.transfer_id,
-                )
-                if self.faults.get("stall_transfer", 0) > 0:
-                    self.faults["stall_transfer"] -= 1
-                    out.stalled = True
-                    continue
-                try:
-                    self.sender.begin(out.plan, {0: out.channel})
-                except Exception as e:  # noqa: BLE001 - never let a peer break the engine loop
-                    out.error, out.plan = e, None
-                    continue
+            if out.plan is None and out.error is None:
+                self._start_push(req, out)
             if not out.stalled and out.error is None and out.plan is not None:
                 try:
                     self.sender.send_layers(out.plan, self.engine.runner.kv, [layer])
                 except Exception as e:  # noqa: BLE001 - reported by prefill()
                     out.error = e
 
+    def _start_push(self, req: Request, out: _Outgoing) -> None:
+        k, nblk = out.desc.num_cached, len(out.desc.block_ids)
+        out.plan = out.spec.plan(req.block_ids[k:nblk])
+        if self.faults.get("stall_transfer", 0) > 0:
+            self.faults["stall_transfer"] -= 1
+            out.stalled = True
+            return
+        try:
+            self.sender.begin(out.plan, out.channels)
+        except Exception as e:  # noqa: BLE001 - never let a peer break the engine loop
+            out.error, out.plan = e, None
+
+    def _push_orders(self, batch: ScheduledBatch) -> list[tuple[int, list[int]]]:
+        """TP engine, engine thread, before a step's message goes to the other ranks: the
+        pushes they start in this step, ``(key, source block ids)`` (the blocks are the same
+        ids on every rank). A stalled push (fault injection) is left out on every rank."""
+        orders = []
+        for req, s in zip(batch.requests, batch.samples()):
+            out = self._outgoing.get(req.request_id)
+            if out is None or not s:
+                continue
+            if out.plan is None and out.error is None:
+                self._start_push(req, out)
+            if not out.stalled and out.plan is not None:
+                orders.append((out.key, list(out.plan.src_block_ids)))
+        return orders
+
+    def _open_channels(self, key: int, spec: PushSpec) -> dict[int, Channel]:
+        """Rank 0's channels for ``spec`` (leased, by receiver rank); the other ranks register
+        the push and open the channels they lack."""
+        channels: dict[int, Channel] = {}
+        try:
+            for peer in spec.receivers(0):
+                channels[peer.rank] = self.pool.acquire(peer)
+            if self.ranks is not None:
+                self.ranks.prepare(key, spec, self.peers.open_channel)
+        except BaseException:
+            self._release_channels(spec, channels)
+            raise
+        return channels
+
+    def _release_channels(self, spec: PushSpec, channels: dict[int, Channel],
+                          broken: bool = False) -> None:
+        for rank, channel in channels.items():
+            peer = PeerId(spec.dst_instance, spec.dst_epoch, rank)
+            self.pool.release(peer, channel)
+            if broken or channel.closed:
+                # A failed transfer leaves a gloo pair unusable (a timeout closes it on both
+                # sides); the next request to this peer builds a fresh channel. A cancelled
+                # transfer (client gone) keeps the channel: the protocol ran to its end.
+                self.pool.invalidate(peer)
+
+    def _wait_pushes(self, request_id: str, out: _Outgoing):
+        """Until the receivers of every rank's legs acked; the ranks' figures merged."""
+        calls = self.ranks.wait(out.key, out.spec) if self.ranks is not None else None
+        parts = []
+        try:
+            parts.append(self.sender.wait_done(request_id, self.timeout))
+        finally:
+            if calls is not None:
+                parts += calls.result().values()
+        return merge_stats(parts)
+
     def _cancel_outgoing(self, request_id: str) -> None:
         out = self._outgoing.get(request_id)
         if out is None:
             return
+        # The other TP ranks cancel their legs meanwhile (or forget a push that stalled).
+        calls = None if self.ranks is None else self.ranks.cancel(out.key, out.spec,
+                                                                   not out.stalled)
+        try:
+            self._cancel_rank0(request_id, out)
+        finally:
+            if calls is not None:
+                try:
+                    calls.result()
+                except TransferError as e:
+                    log.warning("cancelling the transfer of %s on TP ranks > 0 failed: %s",
+                                request_id, e)
+
+    def _cancel_rank0(self, request_id: str, out: _Outgoing) -> None:
         if out.stalled:
             return  # never registered with the sender; the receiver times out on its own
         if out.plan is None:
             # Nothing sent yet: the receiver is waiting all the same. Register the transfer
             # (source blocks are never read when cancelling) and cancel it, which sends
             # cancel messages so the receiver frees its blocks and the channel stays usable.
-            d = out.desc
-            out.plan = TransferPlan(request_id, d.block_ids[d.num_cached:],
-                                    d.block_ids[d.num_cached:], 0,
-                                    self.layout.num_layers, self.layout, d.decode.layout,
-                                    self.compress, d.transfer_id)
-            self.sender.begin(out.plan, {0: out.channel})
+            out.plan = out.spec.plan(out.spec.dst_block_ids)
+            try:
+                self.sender.begin(out.plan, out.channels)
+            except Exception as e:  # noqa: BLE001 - the receiver times out instead
+                log.warning("cancelling the transfer of %s failed: %s", request_id, e)
+                return
         if request_id in self.sender.in_flight:
             try:
                 self.sender.abort(request_id, self.timeout)
@@ -276,15 +354,25 @@ class Instance:
                 log.warning("cancelling the transfer of %s failed: %s", request_id, e)
 
     # ---- decode role ---------------------------------------------------------------------------
-    def drain(self) -> int:
-        """Stop taking requests and hand every running one back to the router, which
-        continues it on another decode instance. Returns how many were handed back."""
+    def drain(self, dests: list[str] | None = None) -> int:
+        """Stop taking requests and move every one elsewhere: live-migrated to ``dests``
+        (round robin) where possible, else handed back to the router, which continues it on
+        another decode instance by recompute. Returns how many requests left."""
         self.draining = True
         ids = self.aengine.call(lambda e: [r.request_id for r in e.scheduler.running
                                            + list(e.scheduler.waiting)])
-        for rid in ids:
+        moved = 0
+        for k, rid in enumerate(ids):
+            if dests:
+                try:
+                    self.migrations.migrate(rid, dests[k % len(dests)], "drain")
+                    moved += 1
+                    continue
+                except MigrationError:
+                    pass
             self.aengine.end(rid, "migrate")
-        log.info("%s draining: handed back %d requests", self.info.instance_id, len(ids))
+        log.info("%s draining: %d requests migrated, %d handed back", self.info.instance_id,
+                 moved, len(ids) - moved)
         return len(ids)
 
     def undrain(self) -> None:
@@ -319,9 +407,14 @@ class Instance:
         return ReceiveDescriptor(job.request_id, self.info, ids, inc.transfer_id, self.timeout,
                                  cached)
 
-    def open_channel(self, src: PeerId) -> ChannelOffer:
-        """A prefill rank wants a (new) channel: drop any old one to it, open a listener and
-        accept in the background; the sender connects to the returned address."""
+    def open_channel(self, src: PeerId, rank: int = 0) -> ChannelOffer:
+        """A prefill rank wants a (new) channel to our TP rank ``rank``: drop any old one to
+        it, open a listener and accept in the background; the sender connects to the returned
+        address."""
+        if rank:
+            if self.ranks is None:
+                raise ValueError(f"{self.info.instance_id} has no TP rank {rank}")
+            return ChannelOffer(self.ranks.listen(rank, src), self.timeout)
         self.pool.invalidate(src)
         listener = ChannelListener(self.info.host, f"{src.instance_id}->{self.info.instance_id}",
                                    self.info.epoch)
@@ -353,12 +446,27 @@ class Instance:
 
     def _receive(self, inc: _Incoming, src: PeerId, plan: TransferPlan) -> None:
         try:
-            ch = self.pool.acquire(src)
+            # Every TP rank receives its heads from the sender ranks that hold them; the
+            # blocks may be freed or scheduled only once all of them returned.
+            calls = self.ranks.receive(plan, src) if self.ranks is not None else None
+            parts = []
             try:
-                stats = self.receiver.receive(plan, self.engine.runner.kv, {0: ch}, self.timeout)
+                peers = senders(plan, src, 0)
+                chans: dict[int, Channel] = {}
+                try:
+                    for peer in peers:
+                        chans[peer.rank] = self.pool.acquire(peer)
+                    if chans:
+                        parts.append(self.receiver.receive(plan, self.engine.runner.kv, chans,
+                                                           self.timeout))
+                finally:
+                    for peer in peers:
+                        if peer.rank in chans:
+                            self.pool.release(peer, chans[peer.rank])
             finally:
-                self.pool.release(src, ch)
-            self._log_transfer(plan.request_id, stats, "recv")
+                if calls is not None:
+                    parts += calls.result().values()
+            self._log_transfer(plan.request_id, merge_stats(parts), "recv")
         except BaseException as e:  # noqa: BLE001 - reported to generate()
             inc.error = e
         finally:
@@ -396,7 +504,19 @@ class Instance:
         add = lambda e: e.add_prefilled(request_id, job.prompt_ids, job.params, first_token,  # noqa: E731
                                         first_logprobs, inc.block_ids, job.chunks)
         async for o in self.aengine.stream(add):
-            yield _chunk(o)
+            yield self._out(o)
+
+    async def resume(self, request_id: str) -> AsyncIterator[TokenChunk]:
+        """The stream of a request that migrated here (``Migrations.commit``)."""
+        self.migrations.claim(request_id)
+        async for o in self.aengine.consume(request_id):
+            yield self._out(o)
+
+    def _out(self, o) -> TokenChunk:
+        # a live-migrated request's last chunk says where it goes on (None: handed back)
+        dest = self.migrations.destination.pop(o.request_id, None) \
+            if o.finish_reason == "migrate" else None
+        return _chunk(o, dest)
 
     # ---- colocated role ------------------------------------------------------------------------
     async def generate_full(self, job: Job) -> AsyncIterator[TokenChunk]:
@@ -420,7 +540,8 @@ class Instance:
             return InstanceStats(
                 self.info.instance_id, self.role, len(s.running), len(s.waiting),
                 e.blocks.num_free, e.blocks.num_blocks, queued,
-                sum(len(i.block_ids) for i in self._incoming.values()),
+                sum(len(i.block_ids) for i in self._incoming.values())
+                + self.migrations.reserved_blocks,
                 e.blocks.hits, e.blocks.queries, self.draining, os.getpid(),
             )
 

@@ -67,6 +67,34 @@ class TokenChunk:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    # finish_reason "migrate": the request goes on at this decode instance (its ``resume``
+    # stream); None there means the router must recover it by recompute
+    migrated_to: str | None = None
+
+
+@dataclass(frozen=True)
+class MigrationTicket:
+    """A destination's reservation for a request migrating to it (live migration)."""
+
+    request_id: str
+    dest: InstanceInfo
+    block_ids: list[int]  # block i of the source request goes to block_ids[i]
+    deadline_s: float  # unused reservations are freed after this
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    """Everything a destination needs to continue a paused decoding request: the tokens
+    (prompt + outputs; KV of all but the last is in the blocks already sent), the sampling
+    parameters and the seeded generator's state (so seeded sampling continues unchanged)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    output_logprobs: list[dict[int, float]]
+    params: SamplingParams
+    num_blocks: int  # leading blocks of the ticket that now hold the KV
+    rng_state: bytes | None = None
 
 
 @dataclass(frozen=True)
