@@ -110,6 +110,17 @@ def head_slices(
     )
 
 
+def peer_ranks(src_layout: KVLayout, dst_layout: KVLayout, rank: int, sending: bool) -> list[int]:
+    """The peer TP ranks that rank `rank` exchanges heads with: the receiver ranks it sends to
+    (`sending`) or the sender ranks it receives from. A sender rank holding only replicas
+    that other ranks send may have none."""
+    if sending:
+        return [r for r in range(dst_layout.tp_size)
+                if head_slices(src_layout, rank, dst_layout, r) is not None]
+    return [s for s in range(src_layout.tp_size)
+            if head_slices(src_layout, s, dst_layout, rank) is not None]
+
+
 @dataclass(frozen=True, slots=True)
 class TransferPlan:
     """One request's blocks moving from a sending instance to a receiving instance.

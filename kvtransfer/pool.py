@@ -158,6 +158,12 @@ class ChannelPool:
         for channel in channels:
             channel.close()
 
+    def has(self, peer: PeerId) -> bool:
+        """True if an open (not broken) channel to `peer` is in the pool."""
+        with self._lock:
+            entry = self._entries.get(peer)
+            return entry is not None and not entry.channel.closed
+
     def peers(self) -> list[PeerId]:
         with self._lock:
             return list(self._entries)

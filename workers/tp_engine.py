@@ -8,7 +8,10 @@
       logits  <─────────── gather (vocab) ────── LM-head slice
 
 ``TPEngine`` *is* an ``Engine`` (same ``add_request``/``abort``/``step``/``has_work``): only
-its runner differs, so Serve deployments take either. ``make_engine`` returns a plain
+its runner differs, so Serve deployments take either. For KV transfer (disaggregated pools),
+``kv_ranks`` reaches the other ranks' transfer endpoints (``tp_kv``), and ``runner.push_orders``,
+when set, names the KV pushes each step starts: they ride in the step message, and every rank sends
+its heads of them from its layer hook. ``make_engine`` returns a plain
 ``Engine`` for ``tp == 1`` (no Ray, no group); ``TPEngine`` itself also runs ``tp == 1``
 through the same code path without actors.
 
@@ -43,6 +46,7 @@ from .model import LlamaModel
 from .parallel import ParallelConfig, TPError, TPGroup, listen_loopback
 from .runner import DEFAULT_KV_CAP, DEFAULT_KV_FRACTION, ModelRunner, num_kv_blocks
 from .scheduler import ScheduledBatch
+from .tp_kv import KV_GROUP, KV_THREADS, TPRanksKV
 from .tp_layout import check_tp, head_ranges
 from .tp_message import StepMessage
 from .tp_worker import TPWorker, collect_logits, error_key, load_shard
@@ -76,6 +80,8 @@ class TPRunner(ModelRunner):
         self.group, self.vocab_parallel = group, vocab_parallel
         self.send, self.on_failure = send, on_failure
         self.failed: TPError | None = None
+        # batch -> [(push key, source block ids)]: KV pushes the ranks start in this step
+        self.push_orders: Callable[[ScheduledBatch], list[tuple[int, list[int]]]] | None = None
 
     def execute(
         self, batch: ScheduledBatch, on_layer: Callable[[int], None] | None = None
@@ -88,7 +94,9 @@ class TPRunner(ModelRunner):
         ids, meta, sample_idx = self.prepare(batch)
         try:
             if self.send is not None:
-                self.send(StepMessage(ids, meta, sample_idx))
+                orders = self.push_orders(batch) if self.push_orders is not None else []
+                pushes = StepMessage.encode_pushes(orders) if orders else None
+                self.send(StepMessage(ids, meta, sample_idx, pushes))
             logits = self.model.forward(ids, meta, self.kv, sample_idx, on_layer)
             return collect_logits(
                 self.group, logits, self.model.cfg.vocab_size, self.vocab_parallel
@@ -110,6 +118,7 @@ class TPEngine(Engine):
         self.parallel = parallel
         self.group: TPGroup | None = None
         self.workers: list = []  # Ray actor handles, rank r at index r - 1
+        self.kv_ranks: TPRanksKV | None = None  # their KV-transfer endpoints (tp > 1)
         self.pids: list[int] = []  # their process ids (same node)
         self._loops: list = []  # gloo transport: each worker's serve() call
         self._pending: list = []  # ray transport: step calls not yet seen complete
@@ -131,6 +140,8 @@ class TPEngine(Engine):
                 model, config.cache, self.group, parallel.vocab_parallel, send, self._fail
             )
             super().__init__(config, model=model, runner=runner)
+            if self.workers:
+                self.kv_ranks = TPRanksKV(self.workers)
         except BaseException:
             self.close()
             raise
@@ -183,6 +194,7 @@ class TPEngine(Engine):
                     num_cpus=p.cpus_per_rank,
                     max_restarts=0,
                     scheduling_strategy=strategy,
+                    concurrency_groups={KV_GROUP: KV_THREADS},
                 ).remote(config.model, p, r, port, config.cache)
             )
         ready = [w.pid.remote() for w in self.workers]

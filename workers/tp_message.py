@@ -1,15 +1,19 @@
 """The message rank 0 sends the other TP ranks each step: the model's inputs, nothing more.
 
 Ranks > 0 hold no scheduler, no requests and no block manager; they need only what
-``LlamaModel.forward`` reads. One step is two int64 tensors: a fixed 8-word header (so a
-receiver can size the payload buffer) and the payload, all fields back to back::
+``LlamaModel.forward`` reads, plus the KV pushes the step makes. One step is two int64
+tensors: a fixed 9-word header (so a receiver can size the payload buffer) and the payload,
+all fields back to back::
 
-    header  = [kind, T, D, P, Wd, Wp, has_prefix, S]
+    header  = [kind, T, D, P, Wd, Wp, has_prefix, S, X]
     payload = input_ids[T] | positions[T] | slot_mapping[T] | decode_block_tables[D*Wd]
               | decode_context_lens[D] | cu_seqlens[P+1] | prefix_lens[P]
-              | prefill_block_tables[P*Wp] | sample_idx[S]
+              | prefill_block_tables[P*Wp] | sample_idx[S] | pushes[X]
 
-T tokens, D decodes, P prefill chunks, Wd/Wp block-table widths, S sampled rows. On the wire
+T tokens, D decodes, P prefill chunks, Wd/Wp block-table widths, S sampled rows. ``pushes``
+lists the transfers whose prompt completes in this step (disaggregated prefill): for each,
+``key, n, n source block ids``; every rank starts sending its heads of them from its layer
+hook (the key names a transfer rank 0 registered with the ranks beforehand). On the wire
 it is one fixed 16 KB frame (header + payload head: a whole decode step of 16 requests at 1k
 context fits), and a second broadcast for the rest only when it does not fit, so a typical
 step costs rank 0 one broadcast. ``kind`` 0 tells the ranks to stop.
@@ -23,7 +27,7 @@ import torch
 
 from .model import AttnMetadata
 
-HEADER_WORDS = 8
+HEADER_WORDS = 9
 FRAME_WORDS = 2048  # one broadcast carries a step of 16 decodes at up to ~1.8k tokens each
 STEP, STOP = 1, 0
 
@@ -33,9 +37,29 @@ class StepMessage:
     input_ids: torch.Tensor  # [T] int64
     meta: AttnMetadata
     sample_idx: torch.Tensor  # [S] int64, rows of the batch that produce logits
+    pushes: torch.Tensor | None = None  # [X] int64: (key, n, n block ids) per KV push
+
+    @staticmethod
+    def encode_pushes(orders: list[tuple[int, list[int]]]) -> torch.Tensor:
+        words: list[int] = []
+        for key, ids in orders:
+            words += [key, len(ids), *ids]
+        return torch.tensor(words, dtype=torch.int64)
+
+    def push_orders(self) -> list[tuple[int, list[int]]]:
+        """``[(key, source block ids)]`` of this step's KV pushes."""
+        if self.pushes is None:
+            return []
+        w, out, i = self.pushes.tolist(), [], 0
+        while i < len(w):
+            n = w[i + 1]
+            out.append((w[i], w[i + 2 : i + 2 + n]))
+            i += 2 + n
+        return out
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.meta
+        pushes = self.pushes if self.pushes is not None else torch.empty(0, dtype=torch.int64)
         parts = [
             self.input_ids,
             m.positions,
@@ -46,6 +70,7 @@ class StepMessage:
             m.prefix_lens,
             m.prefill_block_tables.flatten(),
             self.sample_idx,
+            pushes,
         ]
         header = torch.tensor(
             [
@@ -57,6 +82,7 @@ class StepMessage:
                 m.prefill_block_tables.shape[1],
                 int(m.has_prefix),
                 self.sample_idx.numel(),
+                pushes.numel(),
             ],
             dtype=torch.int64,
         )
@@ -87,17 +113,17 @@ class StepMessage:
 
     @staticmethod
     def payload_words(header: torch.Tensor) -> int:
-        _, t, d, p, wd, wp, _, s = header.tolist()
-        return 3 * t + d * wd + d + (p + 1) + p + p * wp + s
+        _, t, d, p, wd, wp, _, s, x = header.tolist()
+        return 3 * t + d * wd + d + (p + 1) + p + p * wp + s + x
 
     @classmethod
     def unpack(
         cls, header: torch.Tensor, payload: torch.Tensor, device: torch.device | None = None
     ) -> StepMessage:
-        _, t, d, p, wd, wp, has_prefix, s = header.tolist()
-        sizes = [t, t, t, d * wd, d, p + 1, p, p * wp, s]
+        _, t, d, p, wd, wp, has_prefix, s, x = header.tolist()
+        sizes = [t, t, t, d * wd, d, p + 1, p, p * wp, s, x]
         f = payload.to(device) if device is not None else payload
-        ids, pos, slots, dbt, dctx, cu, pre, pbt, sidx = torch.split(f, sizes)
+        ids, pos, slots, dbt, dctx, cu, pre, pbt, sidx, pushes = torch.split(f, sizes)
         i32 = torch.int32
         meta = AttnMetadata(
             positions=pos,
@@ -110,4 +136,4 @@ class StepMessage:
             prefill_block_tables=pbt.view(p, wp).to(i32),
             has_prefix=bool(has_prefix),
         )
-        return cls(ids, meta, sidx)
+        return cls(ids, meta, sidx, pushes.cpu() if x else None)

@@ -5,6 +5,10 @@
     __init__   join the TP group, load this rank's weight slice, allocate its KV shard
     serve()    (gloo transport) loop: receive a step message, run the shard, until STOP
     execute()  (ray transport) run one step message passed as a Ray actor call
+    kv_*()     this rank's KV-transfer endpoint (disaggregated instances): rank 0's control
+               calls, run in their own threads (the actor's "kv" concurrency group) while the
+               step loop goes on; the step message says which pushes start in a step, and the
+               layer hook sends this rank's heads of them (see ``kvtransfer.endpoint``)
 
 The forward pass meets rank 0's at every all-reduce, so the ranks stay in lockstep without
 any other acknowledgement. A rank that fails writes its traceback into the group's store
@@ -20,6 +24,8 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from pdserve.kvtransfer import ChannelAddress, PeerId, TransferPlan, TransferStats
+from pdserve.kvtransfer.endpoint import PushSpec, RankEndpoint
 
 from .config import CacheConfig, ModelConfig
 from .loader import Shard, load_weights
@@ -92,6 +98,7 @@ class TPWorker:
         self.model = load_shard(cfg, rank, parallel.tp, self.group, parallel.vocab_parallel)
         self.runner = ModelRunner(self.model, cache)
         self.num_steps = 0
+        self.kv: RankEndpoint | None = None  # set by kv_init (disaggregated instances)
 
     def pid(self) -> int:
         return os.getpid()
@@ -122,8 +129,36 @@ class TPWorker:
             self._die()
             raise
 
+    # ---- KV transfer (rank 0's control calls, in the "kv" concurrency group) -------------
+    def kv_init(self, instance_id: str, epoch: int, host: str, timeout_s: float) -> None:
+        if self.kv is None:
+            self.kv = RankEndpoint(PeerId(instance_id, epoch, self.rank), host, timeout_s)
+
+    def kv_listen(self, src: PeerId) -> ChannelAddress:
+        return self.kv.listen(src)
+
+    def kv_connect(self, peer: PeerId, address: ChannelAddress, timeout_s: float) -> None:
+        self.kv.connect(peer, address, timeout_s)
+
+    def kv_missing(self, peers: list[PeerId]) -> list[PeerId]:
+        return self.kv.missing(peers)
+
+    def kv_register(self, key: int, spec: PushSpec) -> list[PeerId]:
+        return self.kv.register(key, spec)
+
+    def kv_wait(self, key: int, timeout_s: float) -> TransferStats:
+        return self.kv.wait(key, timeout_s)
+
+    def kv_cancel(self, key: int, timeout_s: float, notify: bool) -> None:
+        self.kv.cancel(key, timeout_s, notify)
+
+    def kv_receive(self, plan: TransferPlan, src: PeerId, timeout_s: float) -> TransferStats:
+        return self.kv.receive(plan, src, self.runner.kv, timeout_s)
+
     def _run(self, msg: StepMessage) -> None:
-        logits = self.model.forward(msg.input_ids, msg.meta, self.runner.kv, msg.sample_idx)
+        orders = msg.push_orders()
+        hook = self.kv.layer_hook(self.runner.kv, orders) if orders and self.kv else None
+        logits = self.model.forward(msg.input_ids, msg.meta, self.runner.kv, msg.sample_idx, hook)
         collect_logits(self.group, logits, self.cfg.vocab_size, self.parallel.vocab_parallel)
         self.num_steps += 1
 
