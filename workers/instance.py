@@ -151,6 +151,10 @@ class Instance:
         self._incoming: dict[str, _Incoming] = {}
         self._transfer_ids = itertools.count(1)
         self.transfer_log: list[dict] = []  # recent transfer stats (bytes, wait/transfer/scatter)
+        # peer instance id -> "host:port" of the pair channel's rendezvous (the decode side's
+        # listener, wherever it runs): logged with each transfer, so a multi-node deployment
+        # can see which link the KV crossed
+        self.channel_addrs: dict[str, str] = {}
         self.engine.on_layer = self._on_layer
         # The other TP ranks' transfer endpoints (a TP engine's): rank 0 coordinates them over
         # the control plane, and the step message names the pushes they start (tp_kv.py).
@@ -175,6 +179,7 @@ class Instance:
             raise ChannelClosed(f"no rendezvous pending for {peer}")
         # sender side: ask the receiver to open a listener, then connect to it
         offer = self.peers.open_channel(peer, self._me())
+        self.channel_addrs[peer.instance_id] = f"{offer.address.host}:{offer.address.port}"
         return connect(offer.address, peer.instance_id, offer.timeout_s)
 
     def _me(self) -> PeerId:
@@ -230,7 +235,7 @@ class Instance:
             self.aengine.call(lambda e: e.release(job.request_id))
             self._release_channels(spec, channels, broken)
         t_done = time.monotonic()
-        self._log_transfer(job.request_id, stats, "send")
+        self._log_transfer(job.request_id, stats, "send", self.channel_addrs.get(d.instance_id))
         reason = None if first.finish_reason == "prefilled" else first.finish_reason
         return PrefillResult(
             job.request_id, first.new_token_ids[0], first.new_logprobs[0] if first.new_logprobs else None,
@@ -420,6 +425,7 @@ class Instance:
                                    self.info.epoch)
         with self._rv_lock:
             self._rendezvous[src] = lambda: listener.accept(src.instance_id, self.timeout)
+        self.channel_addrs[src.instance_id] = f"{listener.address.host}:{listener.address.port}"
 
         def accept() -> None:
             try:
@@ -466,7 +472,8 @@ class Instance:
             finally:
                 if calls is not None:
                     parts += calls.result().values()
-            self._log_transfer(plan.request_id, merge_stats(parts), "recv")
+            self._log_transfer(plan.request_id, merge_stats(parts), "recv",
+                               self.channel_addrs.get(src.instance_id))
         except BaseException as e:  # noqa: BLE001 - reported to generate()
             inc.error = e
         finally:
@@ -547,10 +554,12 @@ class Instance:
 
         return self.aengine.call(read)
 
-    def _log_transfer(self, request_id: str, stats, side: str) -> None:
+    def _log_transfer(self, request_id: str, stats, side: str, channel: str | None = None
+                      ) -> None:
         self.transfer_log.append({"request_id": request_id, "side": side, "bytes": stats.bytes,
                                   "wait_s": stats.wait_s, "transfer_s": stats.transfer_s,
-                                  "scatter_s": stats.scatter_s, "t": time.time()})
+                                  "scatter_s": stats.scatter_s, "t": time.time(),
+                                  "host": self.info.host, "channel": channel})
         del self.transfer_log[:-256]
 
     def shutdown(self) -> None:
