@@ -26,13 +26,18 @@ STATS_PERIOD_S = 0.5  # how often replicas report routing stats to the routers
 def _pool(cfg: AppConfig, role: str, model_path: str, decode_handle=None):
     pool = cfg.pools[role]
     tp_opts = {}
+    actor = {"num_cpus": pool.cpus if pool.tp > 1 else pool.cpus * pool.tp,
+             **_placement(pool.resources, pool.node_labels)}
     if pool.tp > 1:  # the replica is rank 0 in bundle 0; ranks 1.. take the other bundles
-        tp_opts = {"placement_group_bundles": [{"CPU": pool.cpus}] * pool.tp,
-                   "placement_group_strategy": "STRICT_PACK"}
+        bundles = [{"CPU": pool.cpus} for _ in range(pool.tp)]
+        bundles[0].update(pool.resources)  # the replica's own custom resources
+        tp_opts = {"placement_group_bundles": bundles, "placement_group_strategy": "STRICT_PACK"}
+        if pool.node_labels:
+            tp_opts["placement_group_bundle_label_selector"] = [dict(pool.node_labels)] * pool.tp
     return serve.deployment(PoolWorker).options(
         name=role,
         num_replicas=pool.replicas,
-        ray_actor_options={"num_cpus": pool.cpus if pool.tp > 1 else pool.cpus * pool.tp},
+        ray_actor_options=actor,
         **tp_opts,
         max_ongoing_requests=100_000,  # admission is the engine's bounded queue, not Serve's
         request_router_config=RequestRouterConfig(
@@ -48,21 +53,27 @@ def _pool(cfg: AppConfig, role: str, model_path: str, decode_handle=None):
            IndexPublisher(cfg.redis_url) if cfg.redis_url else None)
 
 
+def _placement(resources: dict[str, float], labels: dict[str, str]) -> dict:
+    """Ray actor options that pin a replica to the nodes with these custom resources and
+    labels (multi-node clusters; empty on one machine)."""
+    out: dict = {}
+    if resources:
+        out["resources"] = dict(resources)
+    if labels:
+        out["label_selector"] = dict(labels)
+    return out
+
+
 def build_app(config: AppConfig | dict[str, Any] | None = None):
     cfg = config if isinstance(config, AppConfig) else AppConfig.from_dict(config)
     model_path = str(resolve_model(cfg.model))
     mc = ModelConfig.from_path(model_path)
     cfg.check_model(mc.num_heads, mc.num_kv_heads)
-    for name, pool in cfg.pools.items():
-        if pool.tp != 1 and cfg.mode != "colocated":
-            raise NotImplementedError(
-                f"{name}.tp={pool.tp}: tensor-parallel instances run in colocated mode for now; "
-                "disaggregated pools need per-rank KV transfer, which is not wired into the app "
-                "yet (the transfer layer supports it). Use tp: 1 or mode: colocated")
     name = DEFAULT_MODEL if cfg.model is None or cfg.model.lower() in ("smollm2", DEFAULT_MODEL.lower()) \
         else cfg.model.rstrip("/").split("/")[-1]
     router = serve.deployment(Router).options(name="router", num_replicas=1,
-                                              ray_actor_options={"num_cpus": 0},
+                                              ray_actor_options={"num_cpus": 0, **_placement(
+                                                  cfg.router.resources, cfg.router.node_labels)},
                                               max_ongoing_requests=100_000)
     if cfg.mode == "colocated":
         colo = _pool(cfg, "colocated", model_path)

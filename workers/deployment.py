@@ -20,7 +20,16 @@ from pdserve.kvtransfer import KVLayout, PeerId
 
 from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from .instance import Instance
-from .messages import ChannelOffer, Job, PrefillResult, ReceiveDescriptor, TokenChunk
+from .messages import (
+    ChannelOffer,
+    Job,
+    MigrationState,
+    MigrationTicket,
+    PrefillResult,
+    ReceiveDescriptor,
+    TokenChunk,
+)
+from .migration import MigrationError
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +73,16 @@ class PoolWorker:
         self.publisher = None
         if index_publisher is not None:
             inst = self.inst
+            cp = getattr(inst.engine, "chunk_prefill", None)  # RAG chunk store, if any
             self.publisher = index_publisher.start(
                 self.instance_id, role, inst.info.epoch,
-                lambda: inst.aengine.call(lambda e: e.blocks.cached_hashes()))
+                lambda: inst.aengine.call(lambda e: e.blocks.cached_hashes()),
+                (lambda: inst.aengine.call(lambda e: cp.store.hashes())) if cp else None)
             blocks = inst.engine.blocks
             blocks.on_cached, blocks.on_evicted = self.publisher.cached, self.publisher.evicted
+            if cp is not None:
+                cp.store.on_stored = self.publisher.chunk_cached
+                cp.store.on_evicted = self.publisher.chunk_evicted
         log.info("pdserve %s instance %s ready", role, self.instance_id)
 
     # ---- control plane ---------------------------------------------------------------------
@@ -79,8 +93,10 @@ class PoolWorker:
                       ) -> ReceiveDescriptor:
         return self.inst.reserve(job)
 
-    async def open_channel(self, src: PeerId, target: str | None = None) -> ChannelOffer:
-        return self.inst.open_channel(src)
+    async def open_channel(self, src: PeerId, target: str | None = None, rank: int = 0
+                           ) -> ChannelOffer:
+        # a TP rank > 0 is reached over a Ray call: keep it off the event loop
+        return await asyncio.to_thread(self.inst.open_channel, src, rank)
 
     async def expect(self, request_id: str, src: PeerId, layout: KVLayout,
                      target: str | None = None) -> None:
@@ -103,8 +119,43 @@ class PoolWorker:
     async def abort(self, request_id: str, target: str | None = None) -> None:
         self.inst.abort(request_id)
 
-    async def drain(self, target: str | None = None) -> int:
-        return await asyncio.to_thread(self.inst.drain)
+    async def drain(self, dests: list[str] | None = None, target: str | None = None) -> int:
+        """Stop taking requests; live-migrate the running ones to ``dests`` (else hand them
+        back to the router for recompute)."""
+        return await asyncio.to_thread(self.inst.drain, dests)
+
+    # ---- live migration (workers/migration.py) -----------------------------------------------
+    async def migrate(self, request_id: str | None, dest: str, reason: str = "admin",
+                      target: str | None = None) -> dict:
+        """Move a decoding request (None: the one with the fewest KV blocks) to ``dest``."""
+        if request_id is None:
+            request_id = self.inst.aengine.call(_smallest_running)
+            if request_id is None:
+                raise MigrationError(f"{self.instance_id} has no decoding request to migrate")
+        return await asyncio.to_thread(self.inst.migrations.migrate, request_id, dest, reason)
+
+    async def migrate_reserve(self, request_id: str, num_tokens: int,
+                              target: str | None = None) -> MigrationTicket:
+        return self.inst.migrations.reserve(request_id, num_tokens)
+
+    async def migrate_expect(self, request_id: str, tag: str, src: PeerId, layout: KVLayout,
+                             first: int, count: int, target: str | None = None) -> int:
+        return self.inst.migrations.expect(request_id, tag, src, layout, first, count)
+
+    async def migrate_commit(self, state: MigrationState, target: str | None = None) -> None:
+        self.inst.migrations.commit(state, asyncio.get_running_loop())
+
+    async def migrate_cancel(self, request_id: str, target: str | None = None) -> None:
+        self.inst.migrations.cancel(request_id)
+
+    async def resume(self, request_id: str, target: str | None = None
+                     ) -> AsyncIterator[TokenChunk]:
+        async for c in self.inst.resume(request_id):
+            yield c
+
+    async def migrations(self, target: str | None = None) -> dict:
+        m = self.inst.migrations
+        return {"counts": dict(m.counts), "log": list(m.log)}
 
     async def undrain(self, target: str | None = None) -> None:
         self.inst.undrain()
@@ -138,17 +189,52 @@ class PoolWorker:
             inst.shutdown()
 
 
+def _smallest_running(e) -> str | None:
+    reqs = [r for r in e.scheduler.running if not r.in_prefill]
+    return min(reqs, key=lambda r: r.num_tokens).request_id if reqs else None
+
+
 class _ServePeers:
     """``Instance.peers`` over targeted Serve calls to the decode pool. Called from worker
-    threads inside ``Instance.prefill`` (never on the event loop), hence ``.result()``."""
+    threads (``Instance.prefill``, ``Migrations.migrate``), never on the event loop, hence
+    ``.result()``. A decode replica gets no handle at construction: it looks its own pool up
+    on first use (live migration talks decode to decode)."""
 
     def __init__(self, decode_handle, timeout_s: float) -> None:
-        self.decode = decode_handle
+        self._decode = decode_handle
         self.timeout = timeout_s
 
-    def open_channel(self, peer: PeerId, src: PeerId) -> ChannelOffer:
-        return self.decode.open_channel.remote(src, target=peer.instance_id).result(
+    @property
+    def decode(self):
+        if self._decode is None:
+            ctx = serve.get_replica_context()
+            self._decode = serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
+        return self._decode
+
+    def _call(self, method: str, *args, target: str):
+        return getattr(self.decode, method).remote(*args, target=target).result(
             timeout_s=self.timeout)
+
+    def info(self, instance_id: str):
+        return self._call("info", target=instance_id)
+
+    def migrate_reserve(self, instance_id: str, request_id: str, num_tokens: int):
+        return self._call("migrate_reserve", request_id, num_tokens, target=instance_id)
+
+    def migrate_expect(self, instance_id: str, request_id: str, tag: str, src: PeerId,
+                       layout: KVLayout, first: int, count: int) -> int:
+        return self._call("migrate_expect", request_id, tag, src, layout, first, count,
+                          target=instance_id)
+
+    def migrate_commit(self, instance_id: str, state: MigrationState) -> None:
+        self._call("migrate_commit", state, target=instance_id)
+
+    def migrate_cancel(self, instance_id: str, request_id: str) -> None:
+        self._call("migrate_cancel", request_id, target=instance_id)
+
+    def open_channel(self, peer: PeerId, src: PeerId) -> ChannelOffer:
+        return self.decode.open_channel.remote(src, target=peer.instance_id, rank=peer.rank
+                                               ).result(timeout_s=self.timeout)
 
     def expect(self, desc: ReceiveDescriptor, src: PeerId, layout: KVLayout) -> None:
         self.decode.expect.remote(desc.request_id, src, layout,

@@ -186,7 +186,8 @@ class TPEngine(Engine):
         port = listen.getsockname()[1]
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        actor = ray.remote(TPWorker)
+        # KV-transfer control calls run in their own threads beside the step loop (tp_kv)
+        actor = ray.remote(concurrency_groups={KV_GROUP: KV_THREADS})(TPWorker)
         for r in range(1, p.tp):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r)
             self.workers.append(
@@ -194,7 +195,6 @@ class TPEngine(Engine):
                     num_cpus=p.cpus_per_rank,
                     max_restarts=0,
                     scheduling_strategy=strategy,
-                    concurrency_groups={KV_GROUP: KV_THREADS},
                 ).remote(config.model, p, r, port, config.cache)
             )
         ready = [w.pid.remote() for w in self.workers]
