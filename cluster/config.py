@@ -48,11 +48,17 @@ class PoolConfig:
     num_blocks: int | None = None  # overrides kv_cache_memory (tests)
     max_waiting: int = 256
     prefix_caching: bool = True
+    # Placement on a multi-node Ray cluster (see deploy/README.md, "Multi-node"): Ray custom
+    # resources each replica needs (e.g. {node_prefill: 1}, with `ray start --resources` on
+    # the nodes meant for this pool) and/or node labels it must match (`ray start --labels`).
+    resources: dict[str, float] = field(default_factory=dict)
+    node_labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _need(self.replicas >= 1, f"replicas={self.replicas}: need at least 1")
         _need(self.tp >= 1, f"tp={self.tp}: need at least 1")
         _need(self.cpus > 0, f"cpus={self.cpus}: must be positive")
+        _check_placement("pool", self.resources, self.node_labels)
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,11 @@ class RouterConfig:
     queue_timeout_s: float = 30.0  # longest wait in a pool's queue before a 429
     retry_after_s: int = 1  # the Retry-After that 429s carry
     max_body_bytes: int = 4 << 20  # HTTP request bodies larger than this get 413
+    # Where the router replica runs on a multi-node cluster (as PoolConfig.resources /
+    # node_labels); keep it on the head, beside Serve's HTTP proxy, so losing a worker node
+    # never takes the router with it.
+    resources: dict[str, float] = field(default_factory=dict)
+    node_labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _need(self.policy in POLICIES, f"router.policy={self.policy!r}: choose one of "
@@ -99,6 +110,7 @@ class RouterConfig:
         _need(self.retry_after_s >= 1, f"router.retry_after_s={self.retry_after_s}: must be >= 1")
         _need(self.max_body_bytes >= 1024,
               f"router.max_body_bytes={self.max_body_bytes}: must be at least 1024")
+        _check_placement("router", self.resources, self.node_labels)
         self._check_exposure()
 
     def _check_exposure(self) -> None:
@@ -244,6 +256,18 @@ class AppConfig:
             raise ConfigError(f"{p} is not valid YAML: {e}") from None
         _need(isinstance(d, dict), f"{p}: the top level must be a mapping")
         return cls.from_dict(merge(d, overrides or {}))
+
+
+def _check_placement(what: str, resources: dict, labels: dict) -> None:
+    _need(isinstance(resources, dict) and isinstance(labels, dict),
+          f"{what}: resources and node_labels are mappings, e.g. {{node_decode: 1}}")
+    for k, v in resources.items():
+        _need(k not in ("CPU", "GPU", "memory"), f"{what}.resources: {k} is set by cpus/tp, "
+              "not here; name a custom resource given to nodes with `ray start --resources`")
+        _need(isinstance(v, (int, float)) and v > 0,
+              f"{what}.resources.{k}={v!r}: must be a positive number")
+    for k, v in labels.items():
+        _need(isinstance(v, str), f"{what}.node_labels.{k}={v!r}: label values are strings")
 
 
 def is_loopback(host: str) -> bool:
