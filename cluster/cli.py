@@ -128,7 +128,17 @@ def cmd_up(args) -> int:
     resolve_model(cfg.model)  # fetch/convert before anything starts, with progress output
     redis = None
     if cfg.redis_url is None:
-        redis = RedisServer().start()
+        # Joining a cluster, every node's replicas must reach it: bind to this node's address
+        # on the cluster's network, with a password (a loopback Redis only serves this node).
+        if args.address:
+            import secrets
+
+            from .launcher import address_towards
+
+            redis = RedisServer(host=address_towards(args.address),
+                                password=secrets.token_hex(16)).start()
+        else:
+            redis = RedisServer().start()
         cfg = AppConfig.from_dict({**cfg.to_dict(), "redis_url": redis.url})
     try:
         print("[pdserve] starting Ray ...", flush=True)

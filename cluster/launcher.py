@@ -26,32 +26,37 @@ def free_port(host: str = LOOPBACK) -> int:
 
 @dataclass
 class RedisServer:
-    """A ``redis-server`` child on a free loopback port, no persistence."""
+    """A ``redis-server`` child on a free port, no persistence: on loopback by default; on a
+    multi-node cluster on this node's cluster address, with a password."""
 
     port: int = 0
     proc: subprocess.Popen | None = None
     dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="pdserve-redis-"))
+    host: str = LOOPBACK
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (make setup installs it with apt); "
                                "or pass --redis-url")
-        self.port = self.port or free_port()
+        self.port = self.port or free_port(self.host)
+        auth = ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen(
-            [exe, "--bind", LOOPBACK, "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "yes"],
+            [exe, "--bind", self.host, "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", self.dir, "--protected-mode", "yes", *auth],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
             try:
-                with socket.create_connection((LOOPBACK, self.port), timeout=0.2):
+                with socket.create_connection((self.host, self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)
@@ -66,6 +71,17 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def address_towards(address: str) -> str:
+    """This machine's address on the network that reaches ``address`` ("host:port" of a Ray
+    head): what other nodes of that cluster reach us at. No packet is sent."""
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    if host in ("auto", "localhost") or host.startswith("127."):
+        return LOOPBACK
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))
+        return probe.getsockname()[0]
 
 
 def loopback_ray_env() -> None:

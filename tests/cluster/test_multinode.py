@@ -25,19 +25,17 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from pdserve.workers.llm import LLM
 from pdserve.workers.request import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))
-import netns  # noqa: E402
+import netns
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(900)]
 
 KEY = "sk-multinode"
 ADMIN = "adm-multinode"
 HTTP_PORT = 8000  # inside the head's fresh namespace nothing else listens
-REDIS_PORT = 6380
 
 # Asks every live replica for its address, pid, load and transfer log, from a Ray driver
 # inside the head namespace (this process belongs to the suite's local Ray, not this one).
@@ -105,6 +103,19 @@ class MultiNode:
             time.sleep(1)
 
 
+def _redis_url(log: Path, host: str, timeout_s: float = 240) -> str:
+    """The Redis URL `pdserve up` prints once it has deployed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.strip().startswith("Redis:"):
+                url = line.split("Redis:", 1)[1].strip()
+                assert f"@{host}:" in url, f"Redis is not on the head's cluster address: {url}"
+                return url
+        time.sleep(1)
+    raise AssertionError(f"pdserve up did not come up:\n{log.read_text()[-4000:]}")
+
+
 @pytest.fixture(scope="module")
 def mn(cluster_model, tmp_path_factory):
     reason = netns.why_unavailable()
@@ -116,9 +127,6 @@ def mn(cluster_model, tmp_path_factory):
     try:
         c.build().start()
         head = c.head.addr
-        c.exec(c.head, ["redis-server", "--bind", head, "--port", str(REDIS_PORT), "--save", "",
-                        "--appendonly", "no", "--protected-mode", "no", "--dir", str(c.dir)],
-               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cfg = {
             "model": str(cluster_model), "dtype": "float32",
             "router": {"host": head, "port": HTTP_PORT, "api_keys": [KEY], "admin_token": ADMIN,
@@ -132,12 +140,12 @@ def mn(cluster_model, tmp_path_factory):
         path = c.dir / "cluster.yaml"
         path.write_text(yaml.safe_dump(cfg))
         log = c.dir / "pdserve-up.log"
-        redis_url = f"redis://{head}:{REDIS_PORT}/0"
         with log.open("w") as f:
+            # no --redis-url: joining a cluster, `pdserve up` starts Redis on this node's
+            # cluster address (with a password), which the other hosts' replicas must reach
             c.exec(c.head, [str(netns.BIN / "pdserve"), "up", "--address", c.ray_address,
-                            "--config", str(path), "--redis-url", redis_url],
-                   stdout=f, stderr=subprocess.STDOUT)
-        m = MultiNode(c, f"http://{head}:{HTTP_PORT}", redis_url, log)
+                            "--config", str(path)], stdout=f, stderr=subprocess.STDOUT)
+        m = MultiNode(c, f"http://{head}:{HTTP_PORT}", _redis_url(log, head), log)
         m.wait_ready(1, 2, 300)
         yield m
     finally:
