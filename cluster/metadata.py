@@ -1,10 +1,12 @@
-"""The Redis metadata store: instance registry and global prefix index. Metadata only —
-never tensors.
+"""The Redis metadata store: instance registry, global prefix index and chunk index.
+Metadata only — never tensors.
 
 Keys (``prefix`` defaults to ``pdserve``)::
 
     {prefix}:inst:{instance_id}   hash {role, epoch, ts}; TTL ``ttl_s``, refreshed by heartbeats
     {prefix}:blk:{block_hash}     set of instance ids holding that block; TTL ``block_ttl_s``
+    {prefix}:chunk:{chunk_hash}   set of instance ids holding that RAG chunk's KV (any tier of
+                                  its chunk store, ``workers/chunk_cache.py``); same TTL
 
 Staleness (LESSONS #7): an instance that dies stops heart-beating, its registry key expires,
 and every lookup ignores its index entries from then on (the Lua script checks the registry),
@@ -54,6 +56,21 @@ return out
 """
 
 
+# KEYS: chunk keys. ARGV[1]: registry key prefix.
+# Returns a flat list [instance, chunk_index, ...] (1-based indices into KEYS), live only.
+_CHUNK_HOLDERS = """
+local live = {}
+local out = {}
+for i, k in ipairs(KEYS) do
+  for _, m in ipairs(redis.call('SMEMBERS', k)) do
+    if live[m] == nil then live[m] = redis.call('EXISTS', ARGV[1] .. m) == 1 end
+    if live[m] then table.insert(out, m); table.insert(out, i) end
+  end
+end
+return out
+"""
+
+
 class MetadataStore:
     """Thin, synchronous access to the keys above (call from threads, not the event loop)."""
 
@@ -66,6 +83,7 @@ class MetadataStore:
         self.r = redis.Redis.from_url(url, socket_timeout=timeout_s,
                                       socket_connect_timeout=timeout_s)
         self._script = self.r.register_script(_LONGEST_PREFIX)
+        self._chunk_script = self.r.register_script(_CHUNK_HOLDERS)
 
     def _inst(self, instance_id: str) -> str:
         return f"{self.prefix}:inst:{instance_id}"
@@ -117,6 +135,36 @@ class MetadataStore:
         flat = self._script(keys=[self._blk(h) for h in hashes], args=[f"{self.prefix}:inst:"])
         return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
+    # ---- chunk index (RAG chunk caches) -------------------------------------------------
+    def _chunk(self, h: int) -> str:
+        return f"{self.prefix}:chunk:{h}"
+
+    def publish_chunks(self, instance_id: str, added: Sequence[int],
+                       removed: Sequence[int]) -> None:
+        """One pipelined round trip for a batch of chunk-store changes."""
+        if not added and not removed:
+            return
+        p = self.r.pipeline(transaction=False)
+        ttl = int(self.block_ttl_s * 1000)
+        for h in added:
+            p.sadd(self._chunk(h), instance_id)
+            p.pexpire(self._chunk(h), ttl)
+        for h in removed:
+            p.srem(self._chunk(h), instance_id)
+        p.execute()
+
+    def chunk_holders(self, hashes: Sequence[int]) -> dict[str, list[int]]:
+        """Per live instance, the indices of the ``hashes`` whose chunk KV it holds (one round
+        trip; instances whose registry entry expired are left out)."""
+        if not hashes:
+            return {}
+        flat = self._chunk_script(keys=[self._chunk(h) for h in hashes],
+                                  args=[f"{self.prefix}:inst:"])
+        out: dict[str, list[int]] = {}
+        for i in range(0, len(flat), 2):
+            out.setdefault(flat[i].decode(), []).append(int(flat[i + 1]) - 1)
+        return out
+
 
 class IndexPublisher:
     """Runs in an instance: batches its block manager's cache events into Redis, heartbeats
@@ -134,10 +182,13 @@ class IndexPublisher:
         self.errors = 0
 
     def start(self, instance_id: str, role: str, epoch: int,
-              snapshot: Callable[[], list[int]]) -> IndexPublisher:
+              snapshot: Callable[[], list[int]],
+              chunk_snapshot: Callable[[], list[int]] | None = None) -> IndexPublisher:
         """Returns a started copy; ``self`` stays a plain, picklable description (Serve
-        re-pickles a replica's constructor arguments after the constructor ran)."""
+        re-pickles a replica's constructor arguments after the constructor ran).
+        ``chunk_snapshot()``: every chunk hash the instance's chunk store holds."""
         run = copy.copy(self)
+        run.chunk_snapshot = chunk_snapshot
         run._run(instance_id, role, epoch, snapshot)
         return run
 
@@ -146,6 +197,7 @@ class IndexPublisher:
         self.store = MetadataStore(self.url)
         self.instance_id, self.role, self.epoch = instance_id, role, epoch
         self.snapshot = snapshot
+        self._chunk_events: deque[tuple[bool, list[int]]] = deque()
         self._events: deque[tuple[bool, list[int]]] = deque()
         self._stop = threading.Event()
         self._run_id: str | None = None
@@ -158,6 +210,13 @@ class IndexPublisher:
 
     def evicted(self, hashes: list[int]) -> None:
         self._events.append((False, hashes))
+
+    # chunk-store callbacks (engine thread), the same way
+    def chunk_cached(self, hashes: list[int]) -> None:
+        self._chunk_events.append((True, hashes))
+
+    def chunk_evicted(self, hashes: list[int]) -> None:
+        self._chunk_events.append((False, hashes))
 
     def _loop(self) -> None:
         next_beat = 0.0
@@ -186,6 +245,9 @@ class IndexPublisher:
             # New or restarted Redis (or our entry expired): the index lost our blocks.
             self._events.clear()
             self.store.publish(self.instance_id, self.snapshot(), [])
+            if self.chunk_snapshot is not None:
+                self._chunk_events.clear()
+                self.store.publish_chunks(self.instance_id, self.chunk_snapshot(), [])
             self._run_id = rid
 
     def _flush(self) -> None:
@@ -195,6 +257,11 @@ class IndexPublisher:
             add, hs = self._events.popleft()
             (added if add else removed).extend(hs)
         self.store.publish(self.instance_id, added, removed)
+        added, removed = [], []
+        while self._chunk_events:
+            add, hs = self._chunk_events.popleft()
+            (added if add else removed).extend(hs)
+        self.store.publish_chunks(self.instance_id, added, removed)
 
     def stop(self) -> None:
         self._stop.set()

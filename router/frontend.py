@@ -30,6 +30,7 @@ from pdserve.workers.request import SamplingParams
 
 from .admission import Admission, AdmissionConfig, Ticket
 from .auth import Auth
+from .chunks import split_ids, split_text
 from .errors import (
     ApiError,
     BadRequest,
@@ -136,11 +137,18 @@ class Frontend:
             if bad is not None:
                 raise BadRequest(f"prompt token id {bad} is outside this model's vocabulary; "
                                  f"ids must be in [0, {self.vocab_size})", "prompt")
+        chunks, ext = None, body.pdserve
+        if ext is not None and ext.chunks:  # RAG chunks: see router/chunks.py
+            if isinstance(body.prompt, str):
+                ids, chunks = split_text(self.tok, body.prompt, ext.chunks, "prompt",
+                                         ext.recompute_ratio, self.tok("")["input_ids"])
+            else:
+                chunks = split_ids(ids, ext.chunks, ext.recompute_ratio)
         if not ids:
             raise BadRequest("the prompt tokenizes to nothing; send some text", "prompt")
         params = self._params(body, len(ids), body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS,
                               body.logprobs, "prompt")
-        return Job(new_id("cmpl"), ids, params)
+        return Job(new_id("cmpl"), ids, params, chunks)
 
     def chat_job(self, body: ChatCompletionRequest) -> Job:
         msgs = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
@@ -151,9 +159,13 @@ class Frontend:
         except Exception as e:  # noqa: BLE001 - template errors are the client's input
             raise BadRequest(f"the messages do not fit the model's chat template: {e}",
                              "messages") from None
+        chunks, ext = None, body.pdserve
+        if ext is not None and ext.chunks:  # RAG chunks: see router/chunks.py
+            text = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            ids, chunks = split_text(self.tok, text, ext.chunks, "messages", ext.recompute_ratio)
         lp = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, len(ids), body.max_tokens_value, None, lp, "messages")
-        return Job(new_id("chatcmpl"), ids, params)
+        return Job(new_id("chatcmpl"), ids, params, chunks)
 
     # ---- admission and the stream -------------------------------------------------------------
     def deadline(self, requested_s: float | None = None) -> Deadline:

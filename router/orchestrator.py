@@ -18,9 +18,11 @@ import time
 from collections.abc import AsyncIterator
 
 from pdserve.workers.block_manager import prefix_hashes, salt_hash
+from pdserve.workers.chunk_cache import chunk_root
 from pdserve.workers.instance import NoCapacity
 from pdserve.workers.messages import Job, TokenChunk
 
+from .chunks import held_chunk_tokens
 from .policy import RoutingHint
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class Orchestrator:
         self.index = index  # cluster.metadata.MetadataStore, or None: load-only routing
         self.block_size = block_size
         self.root = salt_hash(salt)
+        self.chunk_root = chunk_root(salt)
         self.max_recoveries = 3
         self.app_name: str | None = None  # set by the ingress; used to refresh handles
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "recoveries": 0,
@@ -61,6 +64,11 @@ class Orchestrator:
             return RoutingHint(n, {})
         hashes = prefix_hashes(self.root, job.prompt_ids[: n - 1], self.block_size)
         try:
+            held: dict[str, int] = {}
+            if job.chunks is not None and job.chunks.spans:  # RAG chunks: see router/chunks.py
+                held = await asyncio.to_thread(held_chunk_tokens, self.index, self.chunk_root,
+                                               job)
+                hashes = []
             blocks = await asyncio.to_thread(self.index.longest_prefix, hashes) if hashes else {}
         except Exception as e:  # noqa: BLE001 - redis errors of any kind
             self.stats["index_errors"] += 1
@@ -71,7 +79,7 @@ class Orchestrator:
         if not self._index_ok:
             log.warning("prefix index is back")
         self._index_ok = True
-        cached = {i: b * self.block_size for i, b in blocks.items()}
+        cached = {i: b * self.block_size for i, b in blocks.items()} | held
         self.stats["index_hit_tokens"] += max(cached.values(), default=0)
         return RoutingHint(n, cached)
 

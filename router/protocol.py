@@ -24,8 +24,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from .errors import error_body
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "StreamOptions",
-           "error_body", "new_id", "now"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "PdserveOptions",
+           "StreamOptions", "error_body", "new_id", "now"]
 
 MAX_STOP = 16
 MAX_STOP_LEN = 256
@@ -58,6 +58,39 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_CHUNKS = 64
+
+
+class PdserveOptions(BaseModel):
+    """The ``pdserve`` extension object of a request body (OpenAI clients: ``extra_body``).
+
+    ``chunks`` marks document chunks (RAG) whose KV pdserve may compute once and reuse at any
+    position (CacheBlend): each is an exact substring of the prompt (or of a message's
+    content), listed in prompt order; with a token-id prompt, a list of token ids occurring
+    in it. The prompt itself still says everything, so the body means the same to any
+    OpenAI-compatible server. ``recompute_ratio``: the fraction of chunk tokens recomputed
+    (1 = a full prefill; default: the server's, 0.15)."""
+
+    model_config = _STRICT
+
+    chunks: list[str | list[Int]] = Field(default_factory=list, max_length=MAX_CHUNKS)
+    recompute_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @field_validator("chunks", mode="before")
+    @classmethod
+    def _chunks(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            raise ValueError("pdserve.chunks must be a list of strings or of token-id lists")  # noqa: TRY004
+        for i, c in enumerate(v):
+            ok = (isinstance(c, str) and c) or (
+                isinstance(c, list) and c and all(
+                    isinstance(_integral(t), int) and not isinstance(t, bool) for t in c))
+            if not ok:
+                raise ValueError(f"pdserve.chunks[{i}] must be a non-empty string or a "
+                                 "non-empty list of token ids")
+        return v
+
+
 class _Sampling(BaseModel):
     model_config = _STRICT
 
@@ -81,6 +114,7 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = Field(default=None,
                                                 json_schema_extra=_neutral_only(maxProperties=0))
     ignore_eos: bool = False  # extension, used by benchmarks
+    pdserve: PdserveOptions | None = None  # extension: RAG chunks (see PdserveOptions)
     user: str | None = None
 
     @field_validator("stop", mode="before")

@@ -56,6 +56,17 @@ class ChunkPrefill:
         """The store keys of ``req``'s chunks (what the router looks up in Redis)."""
         return [chunk_hash(self.root, req.prompt_ids[s:e]) for s, e in req.chunks.spans]
 
+    def warm(self, chunks: list[list[int]]) -> int:
+        """Compute and store the KV of the chunks not held yet (a document set ahead of its
+        queries). Returns how many were computed."""
+        todo = {chunk_hash(self.root, c): c for c in chunks}
+        todo = {h: c for h, c in todo.items() if h not in self.store}
+        if todo:
+            kvs = compute_alone(self.model, list(todo.values()), self.blocks.block_size)
+            for h, kv in zip(todo, kvs):
+                self.store.put(h, kv)
+        return len(todo)
+
     def prepare(self, waiting: Iterable[Request]) -> None:
         budget = self.budget_tokens
         for req in list(waiting):

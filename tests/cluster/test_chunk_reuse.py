@@ -1,0 +1,127 @@
+"""RAG chunk caches through the serving path, with a real redis-server: the Redis chunk
+index, and requests with ``pdserve.chunks`` over HTTP (prefill instance → KV transfer →
+decode instance) that equal a full prefill at ratio 1 and are routed to the prefill
+instance holding their chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from serve_helpers import deploy
+
+from pdserve.cluster.launcher import RedisServer
+from pdserve.cluster.metadata import IndexPublisher, MetadataStore
+from pdserve.workers.chunk_cache import chunk_hash, chunk_root
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+
+
+@pytest.fixture
+def redis_server():
+    srv = RedisServer().start()
+    yield srv
+    srv.stop()
+
+
+def test_chunk_index_one_round_trip_liveness_and_republish(redis_server):
+    st = MetadataStore(redis_server.url, ttl_s=1.0)
+    st.heartbeat("A", "prefill", 1)
+    st.heartbeat("B", "prefill", 1)
+    st.publish_chunks("A", [10, 11], [])
+    st.publish_chunks("B", [11, 12], [])
+    st.publish_chunks("C", [10], [])  # never registered: not trusted
+    assert st.chunk_holders([10, 11, 12, 13]) == {"A": [0, 1], "B": [1, 2]}
+    st.publish_chunks("A", [], [11])
+    assert st.chunk_holders([11]) == {"B": [0]}
+    assert st.longest_prefix([10]) == {}  # chunk keys are not prefix blocks
+    time.sleep(1.3)  # both stop heart-beating
+    assert st.chunk_holders([10, 11, 12]) == {}
+
+    held = [21, 22]
+    pub = IndexPublisher(redis_server.url, flush_s=0.05, heartbeat_s=0.2).start(
+        "P0", "prefill", 1, lambda: [], lambda: list(held))
+    try:
+        store = MetadataStore(redis_server.url)
+        deadline = time.monotonic() + 5
+        while store.chunk_holders([21, 22]) != {"P0": [0, 1]} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.chunk_holders([21, 22]) == {"P0": [0, 1]}
+        pub.chunk_cached([23])
+        pub.chunk_evicted([21])
+        held[:] = [22, 23]
+        time.sleep(0.3)
+        assert store.chunk_holders([21, 22, 23]) == {"P0": [1, 2]}
+        store.r.flushall()  # Redis lost everything: the publisher republishes its chunks
+        deadline = time.monotonic() + 5
+        while store.chunk_holders([22, 23]) != {"P0": [0, 1]} and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.chunk_holders([22, 23]) == {"P0": [0, 1]}
+    finally:
+        pub.stop()
+
+
+async def _complete(c, url, prompt, n=8, **ext):
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    if ext:
+        body["pdserve"] = ext
+    r = await c.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+async def test_chunk_requests_over_http_equal_full_prefill(serve_http, cluster_model,
+                                                           redis_server):
+    from helpers import hf_greedy
+    from ray import serve
+
+    from pdserve.workers.config import ModelConfig
+    from pdserve.workers.llm import load_tokenizer
+
+    deploy("chunks", cluster_model, redis_url=redis_server.url,
+           prefill={"replicas": 2}, decode={})
+    url = f"{serve_http}/chunks"
+    store = MetadataStore(redis_server.url)
+    tok = load_tokenizer(cluster_model)
+    root = chunk_root(f"{cluster_model}|float32")
+    assert ModelConfig.from_path(cluster_model).path == str(cluster_model)
+    docs = [[(37 * d + 11 * j) % 300 + 20 for j in range(48 + 9 * d)] for d in range(3)]
+    hashes = [chunk_hash(root, d) for d in docs]
+    try:
+        deadline = time.monotonic() + 30
+        while len(store.live_instances("prefill")) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        async with httpx.AsyncClient(timeout=120) as c:
+            # 1. a request that brings docs 0 and 1: computed alone, stored, indexed
+            warm = [3, 4] + docs[1] + [5] + docs[0] + [6, 7]
+            await _complete(c, url, warm, chunks=[docs[1], docs[0]])
+            await asyncio.sleep(0.5)  # publishers flush every 100 ms
+            holders = store.chunk_holders(hashes)
+            assert len(holders) == 1, holders
+            (holder, held), = holders.items()
+            assert held == [0, 1]
+            # 2. the docs again, at other positions, with a third one: ratio 1 equals the full
+            #    prefill of the same token ids (and HF), and goes where the chunks are
+            prompts = [[8] + docs[0] + [9] + docs[2] + [5] + docs[1] + [10, 11, 12],
+                       [13, 14, 15] + docs[1] + docs[0] + [16]]
+            chunk_lists = [[docs[0], docs[2], docs[1]], [docs[1], docs[0]]]
+            want = [tok.decode(t) for t in hf_greedy(cluster_model, prompts, 8)]
+            for p, ch, w in zip(prompts, chunk_lists, want):
+                got = await _complete(c, url, p, chunks=ch, recompute_ratio=1.0)
+                plain = await _complete(c, url, p)
+                assert got == plain == w
+            await asyncio.sleep(0.5)
+            holders = store.chunk_holders(hashes)
+            assert list(holders) == [holder] and holders[holder] == [0, 1, 2], holders
+            # 3. the default ratio through chat, with text chunks
+            r = await c.post(f"{url}/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Docs: The quick brown fox. Numbers "
+                              "0123456789.\nQ: which animal?"}],
+                "max_tokens": 4, "temperature": 0,
+                "pdserve": {"chunks": ["The quick brown fox.", "Numbers 0123456789."]}})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        serve.delete("chunks")
