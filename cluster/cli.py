@@ -150,7 +150,8 @@ def cmd_up(args) -> int:
         start_serve(cfg.router.host, cfg.router.port)
         print(f"[pdserve] deploying ({cfg.mode}: " + ", ".join(
             f"{k} x{v.replicas} tp={v.tp}" for k, v in cfg.pools.items()) + ") ...", flush=True)
-        serve.run(build_app(cfg), name="pdserve", route_prefix="/", blocking=False)
+        serve.run(build_app(cfg), name="pdserve", route_prefix="/", blocking=False,
+                  external_scaler_enabled=True)  # replica counts: cluster/scaling.py
         base = f"http://{cfg.router.host}:{cfg.router.port}"
         print(f"[pdserve] ready.\n  OpenAI API: {base}/v1  (chat: {base}/v1/chat/completions)\n"
               f"  health:     {base}/health\n  Redis:      {cfg.redis_url}\n"

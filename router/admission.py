@@ -92,6 +92,15 @@ class Gate:
                 return
         self.in_use = max(0, self.in_use - 1)
 
+    def resize(self, capacity: int) -> None:
+        """A new capacity (the pool's replica count changed); waiters that now fit go in."""
+        self.capacity = max(1, capacity)
+        while self._waiters and self.in_use < self.capacity:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.in_use += 1
+                fut.set_result(None)
+
     def _remove(self, fut: asyncio.Future[None]) -> None:
         try:
             self._waiters.remove(fut)

@@ -138,6 +138,9 @@ def build_fastapi(front_getter: Callable[[], Frontend]) -> FastAPI:
                   description="OpenAI-compatible API of pdserve. Send `Authorization: Bearer "
                               "<key>` when the server has API keys.")
     app.add_middleware(Guard, front_getter=front_getter)
+    from .console import build_console
+
+    app.include_router(build_console(front_getter))
     generic_openapi = app.openapi
 
     def openapi() -> dict:

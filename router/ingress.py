@@ -57,3 +57,10 @@ class Router:
         self.grpc = GrpcServer(_front, r["host"], r["grpc_port"]).start() \
             if r.get("grpc_port") else None
         log.info("pdserve router ready (%s mode)", app_config["mode"])
+        # The ops console's state and the scaling controller (measures the pools; scales them
+        # when autoscaling is on), on this replica's event loop.
+        from .console import Ops
+
+        pools = {"colocated": colocated} if colocated is not None else \
+            {"prefill": prefill, "decode": decode}
+        _front.ops = Ops(_front, app_config, orch.app_name, pools).start()

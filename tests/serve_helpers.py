@@ -14,4 +14,5 @@ def deploy(name: str, model, **cfg) -> None:
             "colocated": {"cpus": 0.5, "num_blocks": 512}}
     for k, v in cfg.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
-    serve.run(build_app(base), name=name, route_prefix=f"/{name}")
+    # external scaling: pdserve's scaling controller (and the console) change replica counts
+    serve.run(build_app(base), name=name, route_prefix=f"/{name}", external_scaler_enabled=True)
