@@ -53,10 +53,6 @@ class Router:
         _front = Frontend.for_app(app_config, load_tokenizer(model_path), model_name,
                                   mc.max_position_embeddings, mc.vocab_size, orch)
         self.front = _front
-        # Started here: Serve runs the constructor on the replica's event loop, which serves it.
-        self.grpc = GrpcServer(_front, r["host"], r["grpc_port"]).start() \
-            if r.get("grpc_port") else None
-        log.info("pdserve router ready (%s mode)", app_config["mode"])
         # The ops console's state and the scaling controller (measures the pools; scales them
         # when autoscaling is on), on this replica's event loop.
         from .console import Ops
@@ -64,3 +60,7 @@ class Router:
         pools = {"colocated": colocated} if colocated is not None else \
             {"prefill": prefill, "decode": decode}
         _front.ops = Ops(_front, app_config, orch.app_name, pools).start()
+        # Started here: Serve runs the constructor on the replica's event loop, which serves it.
+        self.grpc = GrpcServer(_front, r["host"], r["grpc_port"]).start() \
+            if r.get("grpc_port") else None
+        log.info("pdserve router ready (%s mode)", app_config["mode"])
