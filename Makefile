@@ -12,6 +12,9 @@ setup: $(STAMP)
 	@command -v redis-server >/dev/null || { echo "[setup] installing redis-server (apt)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
 	  || echo "[setup] warning: could not install redis-server; Redis-backed features will be skipped"; }
+	@command -v chromium >/dev/null || { echo "[setup] installing chromium (apt; the console's browser test)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "[setup] warning: could not install chromium; the browser test will be skipped"; }
 	@$(BIN)/pdserve fetch-model
 	@if [ -x deploy/fetch-helm.sh ]; then deploy/fetch-helm.sh >/dev/null || echo "[setup] warning: helm not fetched; chart tests will skip"; fi
 
