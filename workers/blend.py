@@ -163,6 +163,7 @@ def blend_prefill(
                 break  # nothing downstream needs this layer's output
             active = keep
             q, residual = q[keep].contiguous(), residual[keep]
+            mask = _causal_mask(active, n_tok, q.dtype)
         else:
             kernels.store_kv(k, v, kc, vc, slots if active is None else slots[active])
             if i == num_layers - 1:
@@ -171,7 +172,7 @@ def blend_prefill(
             o = kernels.varlen_prefill_attention(q, k, v, cu, no_prefix, None, None, None,
                                                  model.scale)
         else:
-            o = _attend(q, active, flat[i, 0, slots], flat[i, 1, slots], model.scale)
+            o = _attend(q, flat[i, 0, slots], flat[i, 1, slots], mask, model.scale)
         x = model._reduce(F.linear(o.view(-1, nq), lw["wo"]))
         h, residual = kernels.add_rmsnorm(x, residual, lw["ln2"], cfg.rms_norm_eps)
         gu = F.linear(h, lw["w_gate_up"])
@@ -180,11 +181,18 @@ def blend_prefill(
     return BlendStats(n_tok, int(reuse.sum()), n_recomputed)
 
 
-def _attend(q: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _causal_mask(positions: torch.Tensor, n_keys: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask ``[A, n_keys]``: a query at ``positions[a]`` sees every key at or before
+    its own position (0), none after (-inf). Additive, not boolean: torch's CPU attention is
+    ~1.6x faster with it."""
+    later = torch.arange(n_keys, device=positions.device)[None, :] > positions[:, None]
+    return torch.zeros(later.shape, dtype=dtype, device=positions.device).masked_fill(
+        later, float("-inf"))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
             scale: float) -> torch.Tensor:
-    """Causal attention of queries at ``positions [A]`` over keys at positions ``0..E-1``
-    (``k, v [E, Hkv, D]``): a query sees every key at or before its own position."""
-    mask = torch.arange(k.shape[0], device=q.device)[None, :] <= positions[:, None]
+    """Attention of queries ``q [A, H, D]`` over keys/values ``[E, Hkv, D]`` under ``mask``."""
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
         enable_gqa=k.shape[1] != q.shape[1],
