@@ -67,6 +67,19 @@ def why_unavailable() -> str | None:
     return None
 
 
+def netem_available() -> bool:
+    """Whether the kernel has ``sch_netem`` (some VM kernels ship without it; see
+    ``netns_delay.py`` for the user-space stand-in)."""
+    probe = f"pdnprobe{os.getpid()}"
+    if _run("ip", "netns", "add", probe, check=False).returncode != 0:
+        return False
+    try:
+        return _run("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+                    check=False, ns=probe).returncode == 0
+    finally:
+        _run("ip", "netns", "del", probe, check=False)
+
+
 def sweep_stale() -> list[str]:
     """Delete namespaces and bridges left by a run whose process is gone (names carry the pid)."""
     removed = []
@@ -168,7 +181,8 @@ class NetnsCluster:
         return self
 
     def shape(self, host: Host, delay_ms: float | None = None, rate: str | None = None) -> None:
-        """netem on both ends of ``host``'s link (None, None: remove it). rate e.g. '1gbit'."""
+        """netem on both ends of ``host``'s link (None, None: remove it). rate e.g. '1gbit'.
+        Needs ``sch_netem`` (``netem_available()``); without it use ``netns_delay.DelayLine``."""
         for dev, ns in ((host.veth, None), ("eth0", host.ns)):
             _run("tc", "qdisc", "del", "dev", dev, "root", check=False, ns=ns)
             if delay_ms is None and rate is None:
