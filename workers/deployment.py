@@ -242,7 +242,12 @@ class _ServePeers:
 
 
 def _channel_host() -> str:
-    """The address KV channels bind to: this node's Ray address (127.0.0.1 locally)."""
+    """The address this replica's KV channels bind to (the rendezvous store and the gloo
+    listener, never every interface): its node's Ray address, which is what other nodes reach
+    it at. On a multi-node cluster that is the node's ``--node-ip-address`` (inside a network
+    namespace host of ``deploy/netns.py``, the namespace's own address); on the loopback-only
+    local cluster, 127.0.0.1. (Inside a replica Ray answers from the node it was started by,
+    never by probing routes.)"""
     import ray
 
     return ray.util.get_node_ip_address()
