@@ -228,8 +228,8 @@ function drawPools(s) {
     html += "</tbody></table></div>";
   }
   // keep what the operator is typing: no redraw while an input of the pools has focus
-  const a = document.activeElement;
-  if (!(root.contains(a) && a.tagName === "INPUT")) root.innerHTML = html;
+  const focus = document.activeElement;
+  if (!(root.contains(focus) && focus.tagName === "INPUT")) root.innerHTML = html;
 }
 
 function drawDecisionsTable(s) {

@@ -11,10 +11,9 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import deploy
-
 from pdserve.workers.llm import LLM
 from pdserve.workers.request import SamplingParams
+from serve_helpers import deploy
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -81,9 +80,8 @@ async def decode_pool(c: httpx.AsyncClient, url: str) -> dict:
 
 
 def serve_target(pool: str) -> int:
-    from ray.serve.context import _get_global_client
-
     import ray
+    from ray.serve.context import _get_global_client
 
     ctl = _get_global_client()._controller
     return ray.get(ctl.get_deployment_details.remote("autoscale", pool)).target_num_replicas
