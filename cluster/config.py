@@ -73,6 +73,31 @@ class KVTransferConfig:
 
 
 @dataclass(frozen=True)
+class MigrationConfig:
+    """Live migration of decoding requests between decode instances (router/migration.py).
+    Load is the share of a decode instance's KV blocks in use."""
+
+    enabled: bool = True  # automatic triggers (drain migrates whatever this says)
+    interval_s: float = 1.0  # how often the router looks at the decode pool
+    imbalance_high: float = 0.3  # start when load(most) - load(least) exceeds this ...
+    imbalance_low: float = 0.1  # ... and keep going until it falls below this (hysteresis)
+    batch_gap: int = 8  # or when their running batches differ by at least this many
+    pressure_free: float = 0.1  # memory pressure: a source with less free KV than this share
+    min_running: int = 2  # a source needs this many decoding requests (imbalance trigger)
+    cooldown_s: float = 2.0  # between two automatic migrations from the same instance
+
+    def __post_init__(self) -> None:
+        _need(self.interval_s > 0, "migration.interval_s must be positive")
+        _need(0 <= self.imbalance_low <= self.imbalance_high <= 1,
+              f"migration: need 0 <= imbalance_low ({self.imbalance_low}) <= imbalance_high "
+              f"({self.imbalance_high}) <= 1")
+        _need(0 <= self.pressure_free < 1, "migration.pressure_free must be in [0, 1)")
+        _need(self.batch_gap >= 1 and self.min_running >= 1,
+              "migration.batch_gap and migration.min_running must be >= 1")
+        _need(self.cooldown_s >= 0, "migration.cooldown_s must be >= 0")
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -193,6 +218,7 @@ class AppConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     slo: SLOConfig = field(default_factory=SLOConfig)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
     redis_url: str | None = None
     testing_faults: bool = False  # allow the fault-injection hook (tests only)
 
@@ -222,7 +248,7 @@ class AppConfig:
         d = dict(d or {})
         nested = {"prefill": PoolConfig, "decode": PoolConfig, "colocated": PoolConfig,
                   "kv_transfer": KVTransferConfig, "router": RouterConfig, "slo": SLOConfig,
-                  "autoscaling": AutoscalingConfig}
+                  "autoscaling": AutoscalingConfig, "migration": MigrationConfig}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         _need(not unknown, f"unknown config keys: {', '.join(sorted(unknown))}; known: "

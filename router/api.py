@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from pdserve.workers.messages import Job
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +37,7 @@ from .errors import (
     ApiError,
     BadRequest,
     InternalError,
+    NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
     describe_validation,
@@ -220,14 +222,48 @@ def build_fastapi(front_getter: Callable[[], Frontend]) -> FastAPI:
         f = _front(front_getter)
         return Response(render(dict(f.orch.stats)), media_type="text/plain; version=0.0.4")
 
+    @app.post("/admin/drain", responses={401: _ERROR_RESPONSES[401]})
+    async def admin_drain(body: DrainRequest):
+        """Scale-in of one decode instance: it stops taking requests and its requests move
+        to the other decode instances (live migration; recompute where that fails)."""
+        m = _migrator(_front(front_getter))
+        try:
+            n = await m.drain(body.instance_id)
+        except KeyError as e:
+            raise NotFound(str(e.args[0])) from None
+        return {"instance_id": body.instance_id, "migrated": n}
+
+    @app.post("/admin/migration", responses={401: _ERROR_RESPONSES[401]})
+    async def admin_migration(body: MigrationSwitch):
+        """Switch the automatic migration triggers (imbalance, memory pressure) on or off."""
+        m = _migrator(_front(front_getter))
+        m.enabled = body.enabled
+        return m.snapshot()
+
     @app.get("/admin/stats", responses={401: _ERROR_RESPONSES[401]})
     async def admin_stats():
         """Admission queues and request counters (needs the admin token)."""
         f = _front(front_getter)
+        mig = f.orch.migrator.snapshot() if f.orch.migrator is not None else None
         return {"admission": f.admission.stats(), "orchestrator": dict(f.orch.stats),
+                "migration": mig,
                 "router_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     return app
+
+
+class DrainRequest(BaseModel):
+    instance_id: str
+
+
+class MigrationSwitch(BaseModel):
+    enabled: bool
+
+
+def _migrator(f: Frontend):
+    if f.orch.migrator is None:
+        raise BadRequest("live migration needs a disaggregated deployment (mode: disaggregated)")
+    return f.orch.migrator
 
 
 def _model_limits(schema: dict, f: Frontend) -> None:

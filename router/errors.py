@@ -39,6 +39,12 @@ class ModelNotFound(ApiError):
     status, grpc_code, type = 404, "NOT_FOUND", "invalid_request_error"
 
 
+class NotFound(ApiError):
+    """A named thing (an instance id) does not exist."""
+
+    status, grpc_code, type = 404, "NOT_FOUND", "invalid_request_error"
+
+
 class Unauthenticated(ApiError):
     status, grpc_code, type = 401, "UNAUTHENTICATED", "authentication_error"
 

@@ -50,6 +50,11 @@ class Router:
                             index=index, block_size=app_config["block_size"],
                             salt=f"{mc.path}|{app_config['dtype']}")
         orch.app_name = serve.get_replica_context().app_name
+        # Live migration between decode instances (triggers + drain), on this replica's loop.
+        if decode is not None:
+            from .migration import MigrationController
+
+            orch.migrator = MigrationController(decode, app_config.get("migration") or {}).start()
         _front = Frontend.for_app(app_config, load_tokenizer(model_path), model_name,
                                   mc.max_position_embeddings, mc.vocab_size, orch)
         self.front = _front

@@ -50,7 +50,9 @@ class Orchestrator:
         self.chunk_root = chunk_root(salt)
         self.max_recoveries = 3
         self.app_name: str | None = None  # set by the ingress; used to refresh handles
+        self.migrator = None  # router.migration.MigrationController (disaggregated mode)
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "recoveries": 0,
+                      "migrations": 0,
                       "index_errors": 0,
                       "prompt_tokens": 0, "index_hit_tokens": 0}
         self._index_ok = True
@@ -183,9 +185,27 @@ class Orchestrator:
         done = False
         try:
             yield first
-            async for c in stream:
-                done = c.finished
-                yield c
+            while True:
+                moved_to = None
+                async for c in stream:
+                    if c.finished and c.finish_reason == "migrate" and c.migrated_to:
+                        # Live-migrated: the same request decodes on at ``migrated_to``;
+                        # follow it there (the client sees one unbroken stream).
+                        moved_to = c.migrated_to
+                        if c.token_ids:
+                            yield dataclasses.replace(c, finished=False, finish_reason=None,
+                                                      migrated_to=None)
+                        break
+                    done = c.finished
+                    yield c
+                if moved_to is None:
+                    break
+                self.stats["migrations"] += 1
+                log.info("request %s: following its migration %s -> %s", job.request_id,
+                         d_id, moved_to)
+                d_id = moved_to
+                stream = self.decode.options(stream=True).resume.remote(job.request_id,
+                                                                        target=d_id)
         finally:
             if not done:
                 stream.cancel()

@@ -10,6 +10,7 @@ Serve's default router picks a replica by queue length. pdserve needs two more t
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import defaultdict
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -23,6 +24,21 @@ class TargetGone(RuntimeError):
     """The targeted instance is no longer a replica of the pool."""
 
 
+# The request routers of each pool's handles in this process, by role (every handle variant,
+# e.g. ``options(stream=True)``, has its own): the migration controller lists a pool's live
+# replicas from them (Serve keeps each one's ``curr_replicas`` up to date).
+_ROUTERS: dict[str, weakref.WeakSet] = defaultdict(weakref.WeakSet)
+
+
+def live_replicas(role: str) -> list[str]:
+    """Instance ids of the pool's running replicas as this process's handles see them
+    (empty until a handle sent its first request)."""
+    ids: set[str] = set()
+    for r in list(_ROUTERS[role]):
+        ids.update(i.unique_id for i in r.curr_replicas)
+    return sorted(ids)
+
+
 class InstanceRouter(RequestRouter):
     def initialize_state(self, policy: str = "prefix_aware", role: str = "decode",
                          prefix_weight: float = 1.0, **_) -> None:
@@ -31,6 +47,11 @@ class InstanceRouter(RequestRouter):
         self._role = role
         self._inflight: dict[str, int] = defaultdict(int)
         self._by_request: dict[str, str] = {}
+        # Through the module by name: Serve may hand us a by-value copy of this class whose
+        # globals are not the module's (the controller reads the module's registry).
+        from pdserve.router import replica_router
+
+        replica_router._ROUTERS[role].add(self)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None

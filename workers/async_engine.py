@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 from .engine import Engine
@@ -52,6 +53,11 @@ class AsyncEngine:
             if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
+            else:
+                # Let the replica's event loop run between steps: a GIL-bound step loop
+                # starved it, and Serve's 0.1 s queue-length probes to a busy replica timed
+                # out (targeted calls — aborts, migrations — then waited for seconds).
+                time.sleep(0.0005)
 
     def _fail_all(self, error: BaseException) -> None:
         """Abort every streamed request and hand it ``error`` (called with the lock held)."""

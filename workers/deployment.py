@@ -57,6 +57,8 @@ class PoolWorker:
         self.allow_faults = bool(app_config.get("testing_faults"))
         ctx = serve.get_replica_context()
         self.instance_id = ctx.replica_id.unique_id
+        if decode_handle is None and role == "decode":  # live migration: decode to decode
+            decode_handle = serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
         self.decode = decode_handle
         kv = app_config["kv_transfer"]
         engine = None
@@ -138,6 +140,10 @@ class PoolWorker:
                               target: str | None = None) -> MigrationTicket:
         return self.inst.migrations.reserve(request_id, num_tokens)
 
+    async def migrate_extend(self, request_id: str, num_blocks: int,
+                             target: str | None = None) -> MigrationTicket:
+        return self.inst.migrations.extend(request_id, num_blocks)
+
     async def migrate_expect(self, request_id: str, tag: str, src: PeerId, layout: KVLayout,
                              first: int, count: int, target: str | None = None) -> int:
         return self.inst.migrations.expect(request_id, tag, src, layout, first, count)
@@ -197,8 +203,9 @@ def _smallest_running(e) -> str | None:
 class _ServePeers:
     """``Instance.peers`` over targeted Serve calls to the decode pool. Called from worker
     threads (``Instance.prefill``, ``Migrations.migrate``), never on the event loop, hence
-    ``.result()``. A decode replica gets no handle at construction: it looks its own pool up
-    on first use (live migration talks decode to decode)."""
+    ``.result()``. A decode replica gets a handle to its own pool (live migration talks
+    decode to decode), made in its constructor: on the replica's event loop, where Serve
+    handles must be created (one made lazily in a worker thread never delivered a call)."""
 
     def __init__(self, decode_handle, timeout_s: float) -> None:
         self._decode = decode_handle
@@ -207,8 +214,7 @@ class _ServePeers:
     @property
     def decode(self):
         if self._decode is None:
-            ctx = serve.get_replica_context()
-            self._decode = serve.get_deployment_handle(ctx.deployment, app_name=ctx.app_name)
+            raise RuntimeError("no handle to the decode pool")
         return self._decode
 
     def _call(self, method: str, *args, target: str):
@@ -225,6 +231,9 @@ class _ServePeers:
                        layout: KVLayout, first: int, count: int) -> int:
         return self._call("migrate_expect", request_id, tag, src, layout, first, count,
                           target=instance_id)
+
+    def migrate_extend(self, instance_id: str, request_id: str, num_blocks: int):
+        return self._call("migrate_extend", request_id, num_blocks, target=instance_id)
 
     def migrate_commit(self, instance_id: str, state: MigrationState) -> None:
         self._call("migrate_commit", state, target=instance_id)

@@ -25,6 +25,7 @@ is not committed in time, and a committed request whose stream nobody opens in t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -60,6 +61,9 @@ class MigrationPeers(Protocol):
 
     def migrate_expect(self, instance_id: str, request_id: str, tag: str, src: PeerId,
                        layout: KVLayout, first: int, count: int) -> int: ...
+
+    def migrate_extend(self, instance_id: str, request_id: str, num_blocks: int
+                       ) -> MigrationTicket: ...
 
     def migrate_commit(self, instance_id: str, state: MigrationState) -> None: ...
 
@@ -134,6 +138,7 @@ class Migrations:
                 full = cur.num_computed // bs
                 if full - sent <= self.final_blocks:
                     break
+                ticket = self._fit(ticket, full + 1 + self.max_stages, dest_id)
                 rec["bytes"] += self._send(request_id, rec["stages"], cur.block_ids, sent, full,
                                            ticket, channel, dest)
                 rec["stages"] += 1
@@ -146,8 +151,7 @@ class Migrations:
             cur = self._check(_Snapshot(paused.num_computed, tuple(paused.block_ids),
                                         paused.num_preemptions), snap)
             need = -(-cur.num_computed // bs)
-            if need > len(ticket.block_ids):
-                raise MigrationError(f"{request_id} outgrew its reservation on {dest_id}")
+            ticket = self._fit(ticket, need, dest_id)
             if need > sent:
                 rec["bytes"] += self._send(request_id, rec["stages"], cur.block_ids, sent, need,
                                            ticket, channel, dest)
@@ -194,6 +198,12 @@ class Migrations:
             self._record(rec)
             with self._lock:
                 self._active.discard(request_id)
+
+    def _fit(self, ticket: MigrationTicket, num_blocks: int, dest_id: str) -> MigrationTicket:
+        """The reservation, grown to ``num_blocks`` if the request outgrew it meanwhile."""
+        if num_blocks <= len(ticket.block_ids):
+            return ticket
+        return self.inst.peers.migrate_extend(dest_id, ticket.request_id, num_blocks)
 
     @staticmethod
     def _snapshot(engine, request_id: str) -> _Snapshot | None:
@@ -251,6 +261,24 @@ class Migrations:
         arr = _Arrival(MigrationTicket(request_id, inst.info, ids, inst.timeout))
         self._arrivals[request_id] = arr
         threading.Timer(inst.timeout, self._expire, (request_id, arr)).start()
+        return arr.ticket
+
+    def extend(self, request_id: str, num_blocks: int) -> MigrationTicket:
+        """Grow a reservation to ``num_blocks`` (the request kept decoding at the source)."""
+        arr = self._arrivals.get(request_id)
+        if arr is None or arr.aborted:
+            raise MigrationError(f"no live reservation for {request_id}")
+        more = num_blocks - len(arr.ticket.block_ids)
+        if more > 0:
+            def take(e) -> list[int]:
+                if not e.blocks.can_allocate(more + len(e.scheduler.running)):
+                    raise MigrationError(f"{self.inst.info.instance_id}: {e.blocks.num_free} "
+                                         f"free KV blocks, the request needs {more} more")
+                return e.blocks.allocate_ids(more)
+
+            extra = self.inst.aengine.call(take)
+            arr.ticket = dataclasses.replace(arr.ticket,
+                                             block_ids=arr.ticket.block_ids + extra)
         return arr.ticket
 
     def expect(self, request_id: str, tag: str, src: PeerId, src_layout: KVLayout,

@@ -41,6 +41,9 @@ class Mesh:
     def migrate_expect(self, iid, rid, tag, src, layout, first, count):
         return self.by_id[iid].migrations.expect(rid, tag, src, layout, first, count)
 
+    def migrate_extend(self, iid, rid, n):
+        return self.by_id[iid].migrations.extend(rid, n)
+
     def migrate_commit(self, iid, state):
         return self.by_id[iid].migrations.commit(state, self.loop)
 
