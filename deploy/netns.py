@@ -324,9 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"netns: {reason}", file=sys.stderr)
         return 2
-    # host 0 is the head; by default host 1 takes the prefill pool and the others decode
-    res = [{"node_head": 1}] + [{"node_prefill": 1} if i == 1 else {"node_decode": 1}
-                                 for i in range(1, args.hosts)]
+    # as deploy/netns-cluster.yaml expects: prefill on the head, a decode slot on each worker
+    res = [{"node_head": 1, "node_prefill": 1}] + [{"node_decode": 1}] * (args.hosts - 1)
     with NetnsCluster(res, [args.cpus] * args.hosts) as c:
         c.start()
         if args.delay_ms is not None or args.rate is not None:
@@ -334,9 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                 c.shape(h, args.delay_ms, args.rate)
         for h in c.hosts:
             print(f"{h.name}: netns {h.ns}  addr {h.addr}  resources {h.resources}")
-        print(f"Ray: {c.ray_address}\nrun inside the head: ip netns exec {c.head.ns} "
-              f"env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 {BIN}/pdserve up --address "
-              f"{c.ray_address} --config FILE\nCtrl-C tears everything down.", flush=True)
+        print(f"Ray: {c.ray_address}\nrun inside the head, e.g.:\n  ip netns exec {c.head.ns} "
+              f"env RAY_AUTH_MODE=token RAY_AUTH_TOKEN={c.token} PDSERVE_API_KEYS=sk-local "
+              f"{BIN}/pdserve up --address {c.ray_address} --config deploy/netns-cluster.yaml\n"
+              f"  curl -H 'Authorization: Bearer sk-local' http://{c.head.addr}:8000/v1/models\n"
+              "Ctrl-C tears everything down.", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:

@@ -284,3 +284,90 @@ def test_losing_a_decode_host_mid_stream(mn, ref):
     ps2 = prompts(6, seed=3)
     assert asyncio.run(complete_all(mn.url, ps2, 12)) == ref(ps2, 12)
     print(f"node loss: 8/8 streams completed {took:.1f} s after the kill")
+
+
+def test_no_decode_capacity_left_fails_clearly_then_recovers(mn, ref):
+    """Both decode hosts lost mid-stream: no replica can take the requests over, so each stream
+    ends with a timeout error within its deadline (no hang, no wrong token before it); once the
+    hosts return, Serve restores both replicas and requests are served exactly again."""
+    store = mn.store()
+    before = set(store.live_instances("decode"))
+    assert len(before) == 2
+    ps = prompts(4, seed=4)
+    n, limit_s = 300, 20
+    seen = {"n": 0}
+    expect = ref(ps, n)
+
+    async def one(c, p):
+        text, err = [], None
+        async with c.stream("POST", f"{mn.url}/v1/completions",
+                            headers={**_auth(), "X-Request-Timeout": str(limit_s)},
+                            json={"prompt": p, "max_tokens": n, "temperature": 0,
+                                  "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    d = json.loads(line[6:])
+                    if "error" in d:
+                        err = d["error"]
+                        break
+                    text.append(d["choices"][0]["text"])
+                    seen["n"] += 1
+        return "".join(text), err
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as c:
+            tasks = [asyncio.create_task(one(c, p)) for p in ps]
+            deadline = time.monotonic() + 120
+            while seen["n"] < 4 * 5:
+                assert time.monotonic() < deadline, "streams did not start"
+                await asyncio.sleep(0.05)
+            for h in mn.decode_hosts:
+                await asyncio.to_thread(mn.c.kill_host, h)
+            t = time.monotonic()
+            got = await asyncio.wait_for(asyncio.gather(*tasks), limit_s + 30)
+            return got, time.monotonic() - t
+
+    got, took = asyncio.run(run())
+    assert took < limit_s + 10, f"streams took {took:.0f} s to end after the decode hosts died"
+    for (text, err), want in zip(got, expect):
+        assert want.startswith(text)  # whatever was streamed was right
+        if text != want:  # cut short: then it says why
+            assert err is not None and "time limit" in err["message"], err
+    assert any(err is not None for _, err in got), "every stream finished without decode hosts?"
+    for h in mn.decode_hosts:
+        mn.c.start_host(h)
+    mn.c.wait_nodes(3, 120)
+    deadline = time.monotonic() + 240
+    while True:
+        live = set(store.live_instances("decode"))
+        if len(live) == 2 and not live & before:
+            break
+        assert time.monotonic() < deadline, f"decode replicas not back: {live}\n{mn.log_tail()}"
+        time.sleep(1)
+    ps2 = prompts(6, seed=5)
+    assert asyncio.run(complete_all(mn.url, ps2, 12)) == ref(ps2, 12)
+    print(f"no capacity: streams ended with an error {took:.1f} s after the kill")
+
+
+def test_placement_config_reaches_ray_actor_options(cluster_model, monkeypatch):
+    """deploy/netns-cluster.yaml's per-pool resources and labels end up in each replica's Ray
+    actor options (bundle 0 of a TP replica's placement group); no Ray cluster needed."""
+    from pdserve.cluster.app import build_app
+    from pdserve.cluster.config import AppConfig, ConfigError
+    from ray.serve._private.build_app import build_app as serve_build
+
+    monkeypatch.setenv("PDSERVE_API_KEYS", "sk-x")  # the example serves beyond loopback
+    path = Path(__file__).resolve().parents[2] / "deploy" / "netns-cluster.yaml"
+    raw = {**yaml.safe_load(path.read_text()), "model": str(cluster_model)}
+    raw["decode"] = {**raw["decode"], "node_labels": {"zone": "b"}}
+    raw["prefill"] = {**raw["prefill"], "tp": 2}
+    deps = {d.name: d for d in serve_build(build_app(raw), name="x").deployments}
+    assert deps["decode"].ray_actor_options["resources"] == {"node_decode": 1}
+    assert deps["decode"].ray_actor_options["label_selector"] == {"zone": "b"}
+    assert deps["decode"].num_replicas == 2
+    assert deps["router"].ray_actor_options["resources"] == {"node_head": 0.01}
+    bundles = deps["prefill"]._replica_config.placement_group_bundles
+    assert bundles[0] == {"CPU": 1, "node_prefill": 1} and bundles[1] == {"CPU": 1}
+    with pytest.raises(ConfigError, match="custom resource"):
+        AppConfig.from_dict({"decode": {"resources": {"CPU": 2}}})
