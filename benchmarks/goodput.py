@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(args)
     pinned = Latency(args.ttft0, args.tpot0) if args.ttft0 is not None else None
     planned: PlannedConfig | None = args.planned
+    bench_name = "goodput" if planned is None else "goodput_plan"  # its own JSON, no plots
     if planned is not None:  # every system is judged by the plan's SLOs
         w = plan.workloads[0]
         pinned = Latency(planned.slo.ttft_s / (w.k1 * plan.slo_scale),
@@ -481,15 +482,15 @@ def main(argv: list[str] | None = None) -> int:
             system.stop()
             entry["wall_s"] = round(time.monotonic() - t_sys, 1)
             progress(f"{name}: stopped ({entry['wall_s']} s in all)")
-        write_result("goodput", result, out_dir)  # partial results survive a later crash
+        write_result(bench_name, result, out_dir)  # partial results survive a later crash
     if planned is not None:
         result["plan_file"] = {"path": str(planned.path), "config": planned.config}
     headline = summarize(result, plan, pinned, planned)
     result["summary"] = headline
     result["wall_s"] = round(time.monotonic() - t_start, 1)
-    path = write_result("goodput", result, out_dir)
+    path = write_result(bench_name, result, out_dir)
     progress(f"results: {path}")
-    if not args.no_plots and result["workloads"]:
+    if not args.no_plots and result["workloads"] and planned is None:
         try:
             from goodput_plots import plot_all
 

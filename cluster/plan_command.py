@@ -86,6 +86,22 @@ def write_plan_config(plan: Plan, profile: Profile, slo: SLO, path: Path,
     return cfg
 
 
+def plan_header(best: Plan, workload: str, slo: SLO) -> list[str]:
+    """The comment lines above a written plan: for people, and one JSON line
+    (``pdserve-plan: {...}``) that ``benchmarks/goodput.py --plan`` reads to validate it."""
+    header = [f"written by `pdserve plan` for workload {workload!r}",
+              (f"predicted goodput {best.rate:.3g} req/s ({best.per_device:.3g} per CPU) at "
+               f"TTFT <= {slo.ttft_s:g} s, TPOT <= {slo.tpot_s:g} s, 90% attainment"),
+              f"plan: {best.mode}: {best.describe()}",
+              "pdserve-plan: " + json.dumps({
+                  "workload": workload, "predicted_goodput_rps": round(best.rate, 4),
+                  "cpus": best.devices, "ttft_slo_s": slo.ttft_s, "tpot_slo_s": slo.tpot_s})]
+    if not best.measured:
+        header.append("NOTE: uses an extrapolated TP shape; profile it with `pdserve profile "
+                      "--tp N` and re-plan")
+    return header
+
+
 def plan_main(args: argparse.Namespace) -> int:
     profiles = _load_profiles(args)
     first = profiles[0]
@@ -126,16 +142,7 @@ def plan_main(args: argparse.Namespace) -> int:
     if args.rate is not None and best.rate < args.rate:
         _say(f"no plan within {args.cpus:g} CPUs reaches {args.rate:g} req/s; the best is "
              f"{best.rate:.3g} req/s (raise --cpus or relax the SLOs)")
-    header = [f"written by `pdserve plan` for workload {workload.name!r}",
-              (f"predicted goodput {best.rate:.3g} req/s ({best.per_device:.3g} per CPU) at "
-               f"TTFT <= {slo.ttft_s:g} s, TPOT <= {slo.tpot_s:g} s, 90% attainment"),
-              f"plan: {best.mode}: {best.describe()}"]
-    header.append("pdserve-plan: " + json.dumps({  # read back by benchmarks/goodput.py --plan
-        "workload": workload.name, "predicted_goodput_rps": round(best.rate, 4),
-        "cpus": best.devices, "ttft_slo_s": slo.ttft_s, "tpot_slo_s": slo.tpot_s}))
-    if not best.measured:
-        header.append("NOTE: uses an extrapolated TP shape; profile it with `pdserve profile "
-                      "--tp N` and re-plan")
+    header = plan_header(best, workload.name, slo)
     out = Path(args.out)
     write_plan_config(best, first, slo, out, header)
     print(f"wrote {out} (pdserve up --config {out})")
