@@ -126,7 +126,8 @@ API keys, which reach it as PDSERVE_API_KEYS from the Secret (never in this conf
 {{/* The Ray Serve config (ServeDeploySchema) that the RayService deploys. */}}
 {{- define "pdserve.serveConfig" -}}
 {{- $v := .Values -}}
-{{- $app := dict "name" "pdserve" "route_prefix" "/" "import_path" "pdserve.cluster.app:build_app" "args" (include "pdserve.appConfig" . | fromYaml) -}}
+{{- /* external_scaler_enabled: pdserve's scaling controller sets the replica counts */ -}}
+{{- $app := dict "name" "pdserve" "route_prefix" "/" "import_path" "pdserve.cluster.app:build_app" "external_scaler_enabled" true "args" (include "pdserve.appConfig" . | fromYaml) -}}
 {{- $cfg := dict "proxy_location" $v.serve.proxyLocation "http_options" (dict "host" "0.0.0.0" "port" (int $v.serve.httpPort)) "grpc_options" (dict "port" (int $v.serve.grpcPort) "grpc_servicer_functions" (default (list) $v.serve.grpcServicerFunctions)) "applications" (list $app) -}}
 {{- toYaml $cfg -}}
 {{- end -}}
