@@ -10,11 +10,10 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import deploy
-
 from pdserve.cluster.launcher import RedisServer
 from pdserve.cluster.metadata import IndexPublisher, MetadataStore
 from pdserve.workers.chunk_cache import chunk_hash, chunk_root
+from serve_helpers import deploy
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -42,7 +41,7 @@ def test_chunk_index_one_round_trip_liveness_and_republish(redis_server):
 
     held = [21, 22]
     pub = IndexPublisher(redis_server.url, flush_s=0.05, heartbeat_s=0.2).start(
-        "P0", "prefill", 1, lambda: [], lambda: list(held))
+        "P0", "prefill", 1, list, lambda: list(held))
     try:
         store = MetadataStore(redis_server.url)
         deadline = time.monotonic() + 5
@@ -75,10 +74,9 @@ async def _complete(c, url, prompt, n=8, **ext):
 async def test_chunk_requests_over_http_equal_full_prefill(serve_http, cluster_model,
                                                            redis_server):
     from helpers import hf_greedy
-    from ray import serve
-
     from pdserve.workers.config import ModelConfig
     from pdserve.workers.llm import load_tokenizer
+    from ray import serve
 
     deploy("chunks", cluster_model, redis_url=redis_server.url,
            prefill={"replicas": 2}, decode={})
@@ -125,3 +123,25 @@ async def test_chunk_requests_over_http_equal_full_prefill(serve_http, cluster_m
             assert r.json()["usage"]["completion_tokens"] >= 1
     finally:
         serve.delete("chunks")
+
+
+async def test_colocated_instance_reuses_chunks(serve_http, cluster_model, redis_server):
+    from ray import serve
+
+    deploy("chunkscolo", cluster_model, mode="colocated", redis_url=redis_server.url)
+    url = f"{serve_http}/chunkscolo"
+    store = MetadataStore(redis_server.url)
+    root = chunk_root(f"{cluster_model}|float32")
+    docs = [[(29 * d + 7 * j) % 300 + 20 for j in range(40 + 5 * d)] for d in range(2)]
+    try:
+        async with httpx.AsyncClient(timeout=120) as c:
+            for order in ((0, 1), (1, 0)):
+                p = [3] + docs[order[0]] + [4] + docs[order[1]] + [5, 6]
+                got = await _complete(c, url, p, chunks=[docs[i] for i in order],
+                                      recompute_ratio=1.0)
+                assert got == await _complete(c, url, p)
+            await asyncio.sleep(0.5)
+            holders = store.chunk_holders([chunk_hash(root, d) for d in docs])
+            assert len(holders) == 1 and next(iter(holders.values())) == [0, 1], holders
+    finally:
+        serve.delete("chunkscolo")

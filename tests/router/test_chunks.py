@@ -24,7 +24,7 @@ def test_completion_chunks_are_tokenized_on_their_own(front):
     body = CompletionRequest.model_validate(
         {"prompt": prompt, "pdserve": {"chunks": [DOC_A, DOC_B], "recompute_ratio": 1.0}})
     job = front.completion_job(body)
-    enc = lambda s: front.tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: front.tok(s, add_special_tokens=False)["input_ids"]
     (s0, e0), (s1, e1) = job.chunks.spans
     assert job.prompt_ids[s0:e0] == enc(DOC_A) and job.prompt_ids[s1:e1] == enc(DOC_B)
     assert job.prompt_ids == enc("Docs:\n") + enc(DOC_A) + enc("\n") + enc(DOC_B) + \

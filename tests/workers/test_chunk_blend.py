@@ -9,8 +9,6 @@ import random
 
 import pytest
 import torch
-
-from pdserve import kernels
 from pdserve.workers.blend import rerotate, select_tokens
 from pdserve.workers.config import (
     CacheConfig,
@@ -21,6 +19,8 @@ from pdserve.workers.config import (
 )
 from pdserve.workers.engine import Engine
 from pdserve.workers.request import Chunks, SamplingParams
+
+from pdserve import kernels
 
 GREEDY1 = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 # Mean KL(full || blended) of the next-token distribution over PROMPTS on the 4-layer test

@@ -4,7 +4,6 @@ promotion on use, exact round trips, and the index callbacks (no model needed)."
 from __future__ import annotations
 
 import torch
-
 from pdserve.workers.chunk_cache import ChunkStore, chunk_hash, chunk_root
 
 
