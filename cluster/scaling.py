@@ -15,7 +15,7 @@ Why here and not in Serve's custom autoscaling policy (which Ray 2.60 has): see
 ``cluster/serve_pools.py``. A single router replica runs (``build_app``), so there is one
 controller per app.
 
-Scale-in of a decode (or colocated) replica: Serve stops the replica *it* picks — on one
+Scale-in of a decode replica: Serve stops the replica *it* picks — on one
 node, the newest RUNNING one; across nodes it prefers non-head nodes with few replicas. The
 controller drains the replica Serve will pick on one node (the newest), then lowers the
 count; if Serve stopped another one after all (multi-node), that replica's requests are
@@ -269,7 +269,9 @@ class ScalingController:
 
     async def _apply(self, pool: str, info: PoolInfo, target: int, rec: dict) -> None:
         try:
-            if target < info.target and pool in ("decode", "colocated"):
+            # decode only: a colocated instance has no peer to hand its requests to (Serve's
+            # graceful shutdown lets them finish for a few seconds instead)
+            if target < info.target and pool == "decode":
                 victim = self._victim(info)
                 if victim is not None:
                     n = await self._drain_replica(pool, victim)

@@ -216,7 +216,7 @@ function drawPools(s) {
       </thead><tbody>`;
     for (const r of p.replicas) {
       const kv = r.kv_blocks_total ? r.kv_blocks_used / r.kv_blocks_total : 0;
-      const drain = name !== "prefill" && r.state === "RUNNING"
+      const drain = name === "decode" && r.state === "RUNNING"
         ? `<button class="drain" data-id="${esc(r.replica_id)}">drain</button>` : "";
       html += `<tr data-replica="${esc(r.replica_id)}"><td class="mono">${esc(r.replica_id)}</td>
         <td class="state ${esc(r.state)}">${esc(r.state)}</td><td>${r.running}</td>
