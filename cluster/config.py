@@ -206,6 +206,27 @@ class AutoscalingConfig:
 
 
 @dataclass(frozen=True)
+class ChunksConfig:
+    """RAG chunk caches (CacheBlend, README "Chunk caches"), per instance: the default
+    fraction of chunk tokens recomputed and the chunk store's tiers (bytes; a chunk moves
+    down device → host → disk when a tier is full). Maps onto ``workers.config.ChunkConfig``."""
+
+    enabled: bool = True
+    recompute_ratio: float = 0.15
+    memory_bytes: int = 256 << 20
+    host_bytes: int = 1 << 30
+    disk_bytes: int = 0  # 0: no disk tier
+    disk_dir: str | None = None  # None: a temporary folder (when disk_bytes > 0)
+
+    def __post_init__(self) -> None:
+        _need(0.0 <= self.recompute_ratio <= 1.0,
+              f"chunks.recompute_ratio={self.recompute_ratio}: must be in [0, 1] (1 = full "
+              "prefill)")
+        _need(min(self.memory_bytes, self.host_bytes, self.disk_bytes) >= 0,
+              "chunks.memory_bytes, host_bytes and disk_bytes must be >= 0")
+
+
+@dataclass(frozen=True)
 class AppConfig:
     model: str | None = None  # None: the default model
     dtype: str = "bfloat16"
@@ -219,6 +240,7 @@ class AppConfig:
     slo: SLOConfig = field(default_factory=SLOConfig)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
+    chunks: ChunksConfig = field(default_factory=ChunksConfig)
     redis_url: str | None = None
     testing_faults: bool = False  # allow the fault-injection hook (tests only)
 
@@ -248,7 +270,8 @@ class AppConfig:
         d = dict(d or {})
         nested = {"prefill": PoolConfig, "decode": PoolConfig, "colocated": PoolConfig,
                   "kv_transfer": KVTransferConfig, "router": RouterConfig, "slo": SLOConfig,
-                  "autoscaling": AutoscalingConfig, "migration": MigrationConfig}
+                  "autoscaling": AutoscalingConfig, "migration": MigrationConfig,
+                  "chunks": ChunksConfig}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         _need(not unknown, f"unknown config keys: {', '.join(sorted(unknown))}; known: "

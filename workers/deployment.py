@@ -18,7 +18,7 @@ from ray import serve
 
 from pdserve.kvtransfer import KVLayout, PeerId
 
-from .config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from .config import CacheConfig, ChunkConfig, EngineConfig, ModelConfig, SchedulerConfig
 from .instance import Instance
 from .messages import (
     ChannelOffer,
@@ -53,6 +53,7 @@ class PoolWorker:
                             chunked_prefill=pool["chunked_prefill"],
                             max_waiting=pool["max_waiting"]),
             num_threads=threads,
+            chunks=ChunkConfig(**app_config.get("chunks", {})),
         )
         self.allow_faults = bool(app_config.get("testing_faults"))
         ctx = serve.get_replica_context()

@@ -25,6 +25,18 @@ def redis_server():
     srv.stop()
 
 
+def test_chunks_config_section():
+    from pdserve.cluster.config import AppConfig, ConfigError
+
+    cfg = AppConfig.from_dict({"chunks": {"recompute_ratio": 0.3, "disk_bytes": 1 << 30}})
+    assert cfg.chunks.recompute_ratio == 0.3 and cfg.to_dict()["chunks"]["disk_bytes"] == 1 << 30
+    assert AppConfig().chunks.recompute_ratio == 0.15
+    with pytest.raises(ConfigError, match=r"chunks.recompute_ratio=1.5: must be in \[0, 1\]"):
+        AppConfig.from_dict({"chunks": {"recompute_ratio": 1.5}})
+    with pytest.raises(ConfigError, match="unknown keys in chunks: ratio"):
+        AppConfig.from_dict({"chunks": {"ratio": 0.5}})
+
+
 def test_chunk_index_one_round_trip_liveness_and_republish(redis_server):
     st = MetadataStore(redis_server.url, ttl_s=1.0)
     st.heartbeat("A", "prefill", 1)
@@ -125,21 +137,40 @@ async def test_chunk_requests_over_http_equal_full_prefill(serve_http, cluster_m
         serve.delete("chunks")
 
 
-async def test_colocated_instance_reuses_chunks(serve_http, cluster_model, redis_server):
+async def test_colocated_instance_reuses_chunks(serve_http, tiny_model_factory, redis_server):
+    """A 4-layer model (in 2 layers every KV is recomputed, so any ratio would be exact): the
+    app's default ratio (1 here) gives the full prefill's log-probabilities; a request that
+    asks for ratio 0 really reuses KV (different ones)."""
     from ray import serve
 
-    deploy("chunkscolo", cluster_model, mode="colocated", redis_url=redis_server.url)
+    model = tiny_model_factory("llama", num_layers=4)
+    deploy("chunkscolo", model, mode="colocated", redis_url=redis_server.url,
+           chunks={"recompute_ratio": 1.0})
     url = f"{serve_http}/chunkscolo"
     store = MetadataStore(redis_server.url)
-    root = chunk_root(f"{cluster_model}|float32")
+    root = chunk_root(f"{model}|float32")
     docs = [[(29 * d + 7 * j) % 300 + 20 for j in range(40 + 5 * d)] for d in range(2)]
+
+    async def first_logprob(c, prompt, **ext):
+        body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+                "logprobs": 1}
+        if ext:
+            body["pdserve"] = ext
+        r = await c.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        ch = r.json()["choices"][0]
+        return ch["text"], ch["logprobs"]["token_logprobs"][0]
+
     try:
         async with httpx.AsyncClient(timeout=120) as c:
             for order in ((0, 1), (1, 0)):
                 p = [3] + docs[order[0]] + [4] + docs[order[1]] + [5, 6]
-                got = await _complete(c, url, p, chunks=[docs[i] for i in order],
-                                      recompute_ratio=1.0)
-                assert got == await _complete(c, url, p)
+                chunks = [docs[i] for i in order]
+                text, lp = await first_logprob(c, p, chunks=chunks)
+                plain_text, plain_lp = await first_logprob(c, p)
+                assert text == plain_text and abs(lp - plain_lp) < 1e-4
+                _, lp0 = await first_logprob(c, p, chunks=chunks, recompute_ratio=0.0)
+                assert abs(lp0 - plain_lp) > 1e-3, (lp0, plain_lp)
             await asyncio.sleep(0.5)
             holders = store.chunk_holders([chunk_hash(root, d) for d in docs])
             assert len(holders) == 1 and next(iter(holders.values())) == [0, 1], holders
