@@ -40,7 +40,8 @@ import torch
 from pdserve.kvtransfer.channel import Channel, Pending, TransferError
 from pdserve.kvtransfer.plan import TransferPlan
 from pdserve.kvtransfer.routes import OrderedGuard, Route, check_kv, close_routes, plan_routes
-from pdserve.kvtransfer.wire import LayerWire, ack_tag, layer_tag
+from pdserve.kvtransfer.staging import StagingPool
+from pdserve.kvtransfer.wire import BlockIndex, LayerWire, ack_tag, layer_tag
 
 
 class TransferCancelled(TransferError):
@@ -74,9 +75,10 @@ class TransferStats:
 class _Outgoing:
     plan: TransferPlan
     routes: list[Route]
-    block_ids: torch.Tensor | None = None
+    block_ids: BlockIndex | None = None
     sent: set[int] = field(default_factory=set)
     pending: list[Pending] = field(default_factory=list)
+    bufs: list[torch.Tensor] = field(default_factory=list)  # staging, back to the pool when sent
     acks: dict[int, tuple[torch.Tensor, Pending]] = field(default_factory=dict)  # by route
     nbytes: int = 0
     pack_s: float = 0.0
@@ -98,10 +100,12 @@ class _Outgoing:
 
 class KVSender:
     """The sending side for one TP rank. Thread-safe across transfers; one transfer's calls
-    (`begin`, `send_layers`..., `wait_done` or `abort`) come from one thread at a time."""
+    (`begin`, `send_layers`..., `wait_done` or `abort`) come from one thread at a time. Keep
+    one per rank: its staging buffers are reused across transfers (staging.py)."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, staging: StagingPool | None = None) -> None:
         self.rank = rank
+        self.staging = staging or StagingPool()
         self._out: dict[str, _Outgoing] = {}
         self._lock = threading.Lock()
         self._guard = OrderedGuard()
@@ -129,14 +133,15 @@ class KVSender:
             raise ValueError(f"no transfer of {plan.request_id!r}: call begin() first")
         if out.block_ids is None:
             check_kv(kv, plan.src_layout, self.rank, plan.src_block_ids)
-            out.block_ids = torch.tensor(plan.src_block_ids, dtype=torch.long, device=kv.device)
+            out.block_ids = BlockIndex.of(plan.src_block_ids, kv.device)
         for layer in layers:
             if layer not in plan.layers or layer in out.sent:
                 raise ValueError(f"layer {layer} is outside {plan.layers} or was already sent")
             out.sent.add(layer)
             for route in out.routes:
                 t0 = time.perf_counter()
-                buf = route.wire.empty(kv.device)
+                buf = self.staging.take(route.wire.nbytes, kv.device)
+                out.bufs.append(buf)
                 route.wire.pack(kv[layer], out.block_ids, route.heads, buf, plan.fingerprint, layer)
                 out.pack_s += time.perf_counter() - t0
                 out.pending.append(route.channel.send(buf, layer_tag(plan, layer)))
@@ -158,6 +163,7 @@ class KVSender:
             t0 = time.perf_counter()
             for pending in out.pending:
                 pending.wait(deadline - time.monotonic())
+            self._recycle(out)
             t1 = time.perf_counter()
             if not all(self._wait_acks(out, deadline)):
                 raise TransferCancelled(f"{request_id!r} was cancelled by another sender rank")
@@ -187,17 +193,25 @@ class KVSender:
             unsent = [layer for layer in out.plan.layers if layer not in out.sent]
             for layer in unsent:
                 for route in out.routes:
-                    buf = route.wire.empty(route.channel.device)
+                    buf = self.staging.take(route.wire.nbytes, route.channel.device)
+                    out.bufs.append(buf)
                     LayerWire.write_cancel(buf, out.plan.fingerprint)
                     out.pending.append(route.channel.send(buf, layer_tag(out.plan, layer)))
             for pending in out.pending:
                 pending.wait(deadline - time.monotonic())
+            self._recycle(out)
             self._wait_acks(out, deadline)
         except BaseException:
             close_routes(out.routes)
             raise
         finally:
             self._guard.release(out.routes)
+
+    def _recycle(self, out: _Outgoing) -> None:
+        # every send completed: nothing reads the staging buffers any more
+        for buf in out.bufs:
+            self.staging.give(buf)
+        out.bufs.clear()
 
     @property
     def in_flight(self) -> list[str]:
@@ -226,10 +240,12 @@ class KVSender:
 
 
 class KVReceiver:
-    """The receiving side for one TP rank; `receive` may run in several threads at once."""
+    """The receiving side for one TP rank; `receive` may run in several threads at once. Keep
+    one per rank: its staging buffers are reused across transfers (staging.py)."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, staging: StagingPool | None = None) -> None:
         self.rank = rank
+        self.staging = staging or StagingPool()
         self._guard = OrderedGuard()
 
     def receive(
@@ -263,11 +279,11 @@ class KVReceiver:
     def _receive(
         self, plan: TransferPlan, kv: torch.Tensor, routes: list[Route], deadline: float
     ) -> TransferStats:
-        block_ids = torch.tensor(plan.dst_block_ids, dtype=torch.long, device=kv.device)
+        block_ids = BlockIndex.of(plan.dst_block_ids, kv.device)
         posted = []  # (layer, route, buffer, pending), in the order the sender sends
         for layer in plan.layers:
             for route in routes:
-                buf = route.wire.empty(kv.device)
+                buf = self.staging.take(route.wire.nbytes, kv.device)
                 posted.append((layer, route, buf, route.channel.recv(buf, layer_tag(plan, layer))))
         t_post = time.perf_counter()
         wait_s = blocked_s = scatter_s = 0.0
@@ -285,10 +301,12 @@ class KVReceiver:
             # so that no posted recv is left behind, but write nothing more into the cache.
             if cancelled or not LayerWire.check_header(buf, plan.fingerprint, layer):
                 cancelled = True
+                self.staging.give(buf)
                 continue
             route.wire.unpack(buf, kv[layer], block_ids, route.heads)
             scatter_s += time.perf_counter() - t1
             nbytes += buf.numel()
+            self.staging.give(buf)  # its recv completed and it was copied out
         # Every route gets an ack, also when cancelled: each sender rank waits for one, and an
         # ack left unsent would leave that channel out of step.
         t0 = time.perf_counter()
