@@ -7,7 +7,8 @@ exactly as a prefill and a decode instance on two nodes are. Needs root (``ip ne
 
 Part 1, bandwidth (no shaping): pdserve's ``KVSender`` → ``KVReceiver`` (per-layer gather,
 header check, scatter into the paged cache, ack) vs a raw gloo send/recv of the same bytes in
-one message on the same pair, for SmolLM2-sized requests. The same pair of measurements on
+one message on the same pair, for SmolLM2-sized requests (best of the reps for each: on shared
+cores a rep's time is mostly its wait for a CPU). The same pair of measurements on
 loopback inside one namespace says what crossing the bridge costs.
 ``cross_host_bw_ratio`` = pdserve bandwidth / raw gloo bandwidth across the namespaces
 (median over requests of >= 512 tokens; 1.0 means the protocol costs nothing over the wire).
@@ -16,8 +17,8 @@ Part 2, TTFT on a slow link (``tc netem``: 1 Gbit/s and 10 ms each way on the de
 link): the sender prefills a real prompt with the real model (SmolLM2-135M, bf16, one torch
 thread) and ships its KV either layer-wise (each layer from the engine's per-layer hook while
 the next computes, as ``Instance`` does) or whole-request (every layer after the prefill
-finished). TTFT = from adding the request until the receiver holds every layer (the decode side
-can start; same monotonic clock in both processes). ``layerwise_ttft_gain_slow_link`` =
+finished). TTFT = from adding the request until the decode side can start: it holds every layer
+and the first token has been sampled (same monotonic clock in both processes). ``layerwise_ttft_gain_slow_link`` =
 TTFT(whole-request) / TTFT(layer-wise) at equal compute (the trials' median prefill time plus
 each mode's median transfer time exposed after it: on shared cores the compute varies between
 trials far more than the transfer), median over prompt lengths; the same on the unshaped link
@@ -216,9 +217,14 @@ class Pair:
                 self.read(self.recv)
                 kv_s.append(r["kv_s"])
                 raw_s.append(r["raw_s"])
+            # Best of the reps: on cores shared with other tenants a rep's time is mostly how
+            # long it waited for a CPU; the fastest rep of each is the closest to the link's
+            # and the protocol's own cost (medians are kept too).
             b = r["bytes"]
-            k, w = statistics.median(kv_s), statistics.median(raw_s)
-            out[t] = {"bytes": b, "kv_GBps": b / k / 1e9, "raw_GBps": b / w / 1e9, "ratio": w / k}
+            k, w = min(kv_s), min(raw_s)
+            out[t] = {"bytes": b, "kv_GBps": b / k / 1e9, "raw_GBps": b / w / 1e9, "ratio": w / k,
+                      "kv_GBps_median": b / statistics.median(kv_s) / 1e9,
+                      "raw_GBps_median": b / statistics.median(raw_s) / 1e9}
         return out
 
     def ttft(self, plen: int, mode: str, tid: int, seed: int) -> dict:
@@ -229,7 +235,10 @@ class Pair:
                               "mode": mode, "seed": seed})
         s = self.read(self.send)
         done = self.read(self.recv)["t_done"]
-        return {"ttft_s": done - s["t0"], "prefill_s": s["prefill_s"], "ack_s": s["ack_s"]}
+        # The decode side starts once it holds every layer *and* the first token (sampled at
+        # the end of the prefill step): whichever comes last.
+        ready = max(done, s["t0"] + s["prefill_s"])
+        return {"ttft_s": ready - s["t0"], "prefill_s": s["prefill_s"], "ack_s": s["ack_s"]}
 
     def close(self) -> None:
         for p in (self.recv, self.send):
@@ -299,7 +308,7 @@ def main() -> None:
     model = args.model or str(ensure_default_model(progress))
     tokens = [128, 512, 2048, 4096]
     reps = 5 if args.quick else 9
-    plens = [512, 1024] if args.quick else [256, 512, 1024, 2048]
+    plens = [256, 512] if args.quick else [256, 512, 1024, 2048]
     treps = 3 if args.quick else 5
     netns.sweep_stale()
     c = netns.NetnsCluster([{}, {}]).build()
