@@ -70,7 +70,8 @@ def test_sweep_is_around_the_prediction_under_the_plans_slos(plan_file):
     assert args.system_list == ["planned"]
     p = gp.make_plan(args)
     assert [w.name for w in p.workloads] == ["chatbot"]
-    assert p.rates["chatbot"] == (0.2, 0.3, 0.4, 0.5, 0.6)
+    assert p.rates["chatbot"] == (0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.2)
+    assert p.min_requests >= 20  # a 90% threshold needs more than a handful per rate
 
 
 def _result(att_by_rate: dict[float, float], status: str = "ok") -> dict:
