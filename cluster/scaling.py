@@ -55,7 +55,6 @@ class ReplicaView:
     queued_prompt_tokens: int = 0
     prefix_hit_tokens: int = 0
     prefix_query_tokens: int = 0
-    pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -207,8 +206,7 @@ class ScalingController:
         for r in info.replicas:
             s = stats.get(r.replica_id)
             state = "DRAINING" if s is not None and s.draining else r.state
-            v = ReplicaView(r.replica_id, info.name, state, max(0.0, wall - r.start_time_s),
-                            pid=r.pid)
+            v = ReplicaView(r.replica_id, info.name, state, max(0.0, wall - r.start_time_s))
             if s is not None:
                 v = replace(v, running=s.running, waiting=s.waiting,
                             kv_blocks_used=s.total_blocks - s.free_blocks,
