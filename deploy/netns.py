@@ -237,10 +237,12 @@ class NetnsCluster:
         """``ray start`` on ``host`` (the head for host 0; a worker joining it otherwise)."""
         args = [str(BIN / "ray"), "start", "--node-ip-address", host.addr,
                 "--num-cpus", str(int(host.num_cpus)), "--resources", json.dumps(host.resources),
-                "--object-store-memory", str(100 << 20), "--disable-usage-stats"]
+                "--object-store-memory", str(100 << 20), "--disable-usage-stats",
+                # a temp dir per node of ours: the machine's /tmp/ray (other clusters'
+                # session_latest) is never touched
+                "--temp-dir", str(self.dir / f"ray-{host.name}")]
         if host is self.head:
-            args += ["--head", "--port", str(RAY_PORT), "--include-dashboard", "false",
-                     "--temp-dir", str(self.dir / "ray")]
+            args += ["--head", "--port", str(RAY_PORT), "--include-dashboard", "false"]
         else:
             args += ["--address", self.ray_address]
         r = self.run(host, args, timeout_s)

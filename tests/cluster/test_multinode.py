@@ -39,26 +39,29 @@ KEY = "sk-multinode"
 ADMIN = "adm-multinode"
 HTTP_PORT = 8000  # inside the head's fresh namespace nothing else listens
 
-# Asks every live replica for its address, pid, load and transfer log, from a Ray driver
-# inside the head namespace (this process belongs to the suite's local Ray, not this one).
+# A Ray driver inside the head namespace (this process belongs to the suite's local Ray, not
+# this cluster): for each line on stdin it asks every live replica for its address, pid, load
+# and transfer log, and prints one JSON line. Long-lived, so a probe takes milliseconds.
 _PROBE = """
 import json, sys, ray
 from ray import serve
 from pdserve.cluster.metadata import MetadataStore
 ray.init(address=sys.argv[1], logging_level="ERROR")
-out = {}
-for role in ("prefill", "decode"):
-    h = serve.get_deployment_handle(role, app_name="pdserve")
-    for i in MetadataStore(sys.argv[2]).live_instances(role):
-        try:
-            info = h.info.remote(target=i).result(timeout_s=30)
-            st = h.stats.remote(target=i).result(timeout_s=30)
-            tr = h.transfers.remote(target=i).result(timeout_s=30)
-            out[i] = {"role": role, "host": info.host, "pid": st.pid, "running": st.running,
-                      "transfers": tr}
-        except Exception as e:
-            out[i] = {"role": role, "error": repr(e)}
-print("PROBE " + json.dumps(out))
+store = MetadataStore(sys.argv[2])
+for _ in sys.stdin:
+    out = {}
+    for role in ("prefill", "decode"):
+        h = serve.get_deployment_handle(role, app_name="pdserve")
+        for i in store.live_instances(role):
+            try:
+                info = h.info.remote(target=i).result(timeout_s=30)
+                st = h.stats.remote(target=i).result(timeout_s=30)
+                tr = h.transfers.remote(target=i).result(timeout_s=30)
+                out[i] = {"role": role, "host": info.host, "pid": st.pid, "running": st.running,
+                          "transfers": tr}
+            except Exception as e:
+                out[i] = {"role": role, "error": repr(e)}
+    print("PROBE " + json.dumps(out), flush=True)
 """
 
 
@@ -68,6 +71,7 @@ class MultiNode:
         self.url = url
         self.redis_url = redis_url
         self.log = log
+        self._probe: subprocess.Popen | None = None
 
     @property
     def decode_hosts(self) -> list[netns.Host]:
@@ -79,11 +83,17 @@ class MultiNode:
         return MetadataStore(self.redis_url)
 
     def probe(self) -> dict:
-        r = self.c.run(self.c.head, [str(netns.BIN / "python"), "-c", _PROBE,
-                                     self.c.ray_address, self.redis_url], 180)
-        line = next((x for x in r.stdout.splitlines() if x.startswith("PROBE ")), None)
-        assert line, f"probe failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-        return json.loads(line[6:])
+        """{instance id: {role, host, pid, running, transfers}} of every live replica."""
+        if self._probe is None or self._probe.poll() is not None:
+            self._probe = self.c.exec(self.c.head, [str(netns.BIN / "python"), "-c", _PROBE,
+                                                    self.c.ray_address, self.redis_url],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._probe.stdin.write("\n")
+        self._probe.stdin.flush()
+        for line in self._probe.stdout:
+            if line.startswith("PROBE "):
+                return json.loads(line[6:])
+        raise AssertionError(f"the probe driver exited ({self._probe.wait()})")
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
@@ -242,9 +252,7 @@ def test_losing_a_decode_host_mid_stream(mn, ref):
     """SIGKILL everything on one decode host (raylet, replica: the node is gone) while 8
     streams run; every stream completes token-exact on the other host's replica. Then the host
     comes back and Serve schedules the lost replica on it again."""
-    before = mn.probe()
-    victim_host = mn.decode_hosts[1]
-    victim = next(i for i, v in before.items() if v.get("host") == victim_host.addr)
+    mn.probe()  # the probe driver is up before the streams start
     ps = prompts(8, seed=2)
     n = 300
     seen = {"n": 0}
@@ -259,12 +267,18 @@ def test_losing_a_decode_host_mid_stream(mn, ref):
             while seen["n"] < 8 * 5:
                 assert time.monotonic() < deadline, "streams did not start"
                 await asyncio.sleep(0.05)
+            # the host of the decode replica running the most streams
+            state = await asyncio.to_thread(mn.probe)
+            victim = max((i for i, v in state.items() if v["role"] == "decode"),
+                         key=lambda i: state[i].get("running", -1))
+            assert state[victim]["running"] > 0, state
+            host = mn.c.host_of(state[victim]["host"])
             t = time.monotonic()
-            await asyncio.to_thread(mn.c.kill_host, victim_host)
+            await asyncio.to_thread(mn.c.kill_host, host)
             got = await asyncio.wait_for(asyncio.gather(*tasks), 240)
-            return got, time.monotonic() - t
+            return got, time.monotonic() - t, victim, host
 
-    got, took = asyncio.run(run())
+    got, took, victim, victim_host = asyncio.run(run())
     assert got == ref(ps, n)
     stats = httpx.get(f"{mn.url}/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"},
                       timeout=10).json()
