@@ -326,10 +326,20 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"netns: {reason}", file=sys.stderr)
         return 2
+    # Ctrl-C or a plain kill, even while starting, tears down (a background job may have
+    # SIGINT ignored)
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     # as deploy/netns-cluster.yaml expects: prefill on the head, a decode slot on each worker
     res = [{"node_head": 1, "node_prefill": 1}] + [{"node_decode": 1}] * (args.hosts - 1)
     with NetnsCluster(res, [args.cpus] * args.hosts) as c:
-        c.start()
+        try:
+            c.start()
+        except KeyboardInterrupt:
+            return 1
         if args.delay_ms is not None or args.rate is not None:
             for h in c.hosts:
                 c.shape(h, args.delay_ms, args.rate)
