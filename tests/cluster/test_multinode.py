@@ -46,7 +46,7 @@ _PROBE = """
 import json, sys, ray
 from ray import serve
 from pdserve.cluster.metadata import MetadataStore
-ray.init(address=sys.argv[1], logging_level="ERROR")
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 store = MetadataStore(sys.argv[2])
 for _ in sys.stdin:
     out = {}
@@ -85,15 +85,19 @@ class MultiNode:
     def probe(self) -> dict:
         """{instance id: {role, host, pid, running, transfers}} of every live replica."""
         if self._probe is None or self._probe.poll() is not None:
+            err = (self.c.dir / "probe.log").open("a")
             self._probe = self.c.exec(self.c.head, [str(netns.BIN / "python"), "-c", _PROBE,
                                                     self.c.ray_address, self.redis_url],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=err, text=True)
+            err.close()
         self._probe.stdin.write("\n")
         self._probe.stdin.flush()
         for line in self._probe.stdout:
             if line.startswith("PROBE "):
                 return json.loads(line[6:])
-        raise AssertionError(f"the probe driver exited ({self._probe.wait()})")
+        log = (self.c.dir / "probe.log").read_text(errors="replace")[-3000:]
+        raise AssertionError(f"the probe driver exited ({self._probe.wait()}):\n{log}")
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
@@ -115,10 +119,10 @@ class MultiNode:
             time.sleep(1)
 
 
-def _redis_url(log: Path, host: str, timeout_s: float = 240) -> str:
+def _redis_url(log: Path, host: str, up: subprocess.Popen, timeout_s: float = 240) -> str:
     """The Redis URL `pdserve up` prints once it has deployed."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and up.poll() is None:
         for line in log.read_text(errors="replace").splitlines():
             if line.strip().startswith("Redis:"):
                 url = line.split("Redis:", 1)[1].strip()
@@ -155,9 +159,9 @@ def mn(cluster_model):
         with log.open("w") as f:
             # no --redis-url: joining a cluster, `pdserve up` starts Redis on this node's
             # cluster address (with a password), which the other hosts' replicas must reach
-            c.exec(c.head, [str(netns.BIN / "pdserve"), "up", "--address", c.ray_address,
-                            "--config", str(path)], stdout=f, stderr=subprocess.STDOUT)
-        m = MultiNode(c, f"http://{head}:{HTTP_PORT}", _redis_url(log, head), log)
+            up = c.exec(c.head, [str(netns.BIN / "pdserve"), "up", "--address", c.ray_address,
+                                 "--config", str(path)], stdout=f, stderr=subprocess.STDOUT)
+        m = MultiNode(c, f"http://{head}:{HTTP_PORT}", _redis_url(log, head, up), log)
         m.wait_ready(1, 2, 300)
         yield m
     finally:
