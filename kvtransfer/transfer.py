@@ -41,7 +41,7 @@ from pdserve.kvtransfer.channel import Channel, Pending, TransferError
 from pdserve.kvtransfer.plan import TransferPlan
 from pdserve.kvtransfer.routes import OrderedGuard, Route, check_kv, close_routes, plan_routes
 from pdserve.kvtransfer.staging import StagingPool
-from pdserve.kvtransfer.wire import BlockIndex, LayerWire, ack_tag, layer_tag
+from pdserve.kvtransfer.wire import HEADER_BYTES, BlockIndex, LayerWire, ack_tag, layer_tag
 
 
 class TransferCancelled(TransferError):
@@ -140,12 +140,46 @@ class KVSender:
             out.sent.add(layer)
             for route in out.routes:
                 t0 = time.perf_counter()
-                buf = self.staging.take(route.wire.nbytes, kv.device)
-                out.bufs.append(buf)
-                route.wire.pack(kv[layer], out.block_ids, route.heads, buf, plan.fingerprint, layer)
+                if route.wire.split:
+                    parts = self._split_parts(out, route, kv[layer], layer)
+                else:
+                    buf = self.staging.take(route.wire.nbytes, kv.device)
+                    out.bufs.append(buf)
+                    route.wire.pack(kv[layer], out.block_ids, route.heads, buf, plan.fingerprint,
+                                    layer)
+                    parts = [buf]
                 out.pack_s += time.perf_counter() - t0
-                out.pending.append(route.channel.send(buf, layer_tag(plan, layer)))
-                out.nbytes += buf.numel()
+                for part in parts:
+                    out.pending.append(route.channel.send(part, layer_tag(plan, layer)))
+                    out.nbytes += part.numel()
+
+    def _split_parts(self, out: _Outgoing, route: Route, kv_layer: torch.Tensor,
+                     layer: int) -> list[torch.Tensor]:
+        """The messages of one layer in the split format (wire.py): the header, then K and V
+        of each receiver run, straight from the cache where the source blocks are consecutive
+        and the leg carries all local heads, else gathered into staging buffers. Cache views
+        are read until `wait_done`, which is why the caller keeps the blocks until then."""
+        wire, heads = route.wire, route.heads
+        header = self.staging.take(HEADER_BYTES, kv_layer.device)
+        out.bufs.append(header)
+        LayerWire.write_header(header, out.plan.fingerprint, layer)
+        parts = [header]
+        whole = heads.start == 0 and heads.stop == kv_layer.shape[3] and kv_layer.is_contiguous()
+        at = 0
+        for n in wire.split:
+            first = out.block_ids.span(at, n) if whole else None
+            for part in (0, 1):
+                if first is not None:
+                    parts.append(kv_layer[part, first : first + n].reshape(-1).view(torch.uint8))
+                    continue
+                buf = self.staging.take(wire.chunk_bytes(n), kv_layer.device)
+                out.bufs.append(buf)
+                dst = buf.view(wire.dtype).view(wire.chunk_shape(n))
+                torch.index_select(kv_layer[part][:, :, heads, :], 0,
+                                   out.block_ids.ids[at : at + n], out=dst)
+                parts.append(buf)
+            at += n
+        return parts
 
     def wait_done(self, request_id: str, timeout_s: float) -> TransferStats:
         """Block until every receiver acknowledged the whole transfer, at most `timeout_s`.
@@ -193,10 +227,12 @@ class KVSender:
             unsent = [layer for layer in out.plan.layers if layer not in out.sent]
             for layer in unsent:
                 for route in out.routes:
-                    buf = self.staging.take(route.wire.nbytes, route.channel.device)
-                    out.bufs.append(buf)
-                    LayerWire.write_cancel(buf, out.plan.fingerprint)
-                    out.pending.append(route.channel.send(buf, layer_tag(out.plan, layer)))
+                    for i, size in enumerate(route.wire.part_sizes()):
+                        buf = self.staging.take(size, route.channel.device)
+                        out.bufs.append(buf)
+                        if i == 0:
+                            LayerWire.write_cancel(buf, out.plan.fingerprint)
+                        out.pending.append(route.channel.send(buf, layer_tag(out.plan, layer)))
             for pending in out.pending:
                 pending.wait(deadline - time.monotonic())
             self._recycle(out)
@@ -280,18 +316,21 @@ class KVReceiver:
         self, plan: TransferPlan, kv: torch.Tensor, routes: list[Route], deadline: float
     ) -> TransferStats:
         block_ids = BlockIndex.of(plan.dst_block_ids, kv.device)
-        posted = []  # (layer, route, buffer, pending), in the order the sender sends
+        posted = []  # (layer, route, parts, pendings), in the order the sender sends
         for layer in plan.layers:
             for route in routes:
-                buf = self.staging.take(route.wire.nbytes, kv.device)
-                posted.append((layer, route, buf, route.channel.recv(buf, layer_tag(plan, layer))))
+                parts = self._recv_parts(route, kv[layer], block_ids)
+                tag = layer_tag(plan, layer)
+                pendings = [route.channel.recv(t, tag) for t, *_ in parts]
+                posted.append((layer, route, parts, pendings))
         t_post = time.perf_counter()
         wait_s = blocked_s = scatter_s = 0.0
         nbytes = 0
         cancelled = False
-        for i, (layer, route, buf, pending) in enumerate(posted):
+        for i, (layer, route, parts, pendings) in enumerate(posted):
             t0 = time.perf_counter()
-            pending.wait(deadline - time.monotonic())
+            for pending in pendings:
+                pending.wait(deadline - time.monotonic())
             t1 = time.perf_counter()
             if i == 0:
                 wait_s = t1 - t_post
@@ -299,14 +338,15 @@ class KVReceiver:
                 blocked_s += t1 - t0
             # After a cancel message keep draining (the sender sends every layer either way),
             # so that no posted recv is left behind, but write nothing more into the cache.
-            if cancelled or not LayerWire.check_header(buf, plan.fingerprint, layer):
+            if cancelled or not LayerWire.check_header(parts[0][0], plan.fingerprint, layer):
                 cancelled = True
-                self.staging.give(buf)
-                continue
-            route.wire.unpack(buf, kv[layer], block_ids, route.heads)
-            scatter_s += time.perf_counter() - t1
-            nbytes += buf.numel()
-            self.staging.give(buf)  # its recv completed and it was copied out
+            else:
+                self._land(route, parts, kv[layer], block_ids)
+                scatter_s += time.perf_counter() - t1
+                nbytes += sum(t.numel() for t, *_ in parts)
+            for t, staged, *_ in parts:
+                if staged:
+                    self.staging.give(t)  # its recv completed and it was copied out
         # Every route gets an ack, also when cancelled: each sender rank waits for one, and an
         # ack left unsent would leave that channel out of step.
         t0 = time.perf_counter()
@@ -321,3 +361,39 @@ class KVReceiver:
         if cancelled:
             raise TransferCancelled(f"the sender cancelled the transfer of {plan.request_id!r}")
         return TransferStats(nbytes, wait_s, blocked_s, scatter_s)
+
+    def _recv_parts(self, route: Route, kv_layer: torch.Tensor, block_ids: BlockIndex
+                    ) -> list[tuple[torch.Tensor, bool, int, int, int]]:
+        """The buffers one layer's messages land in: ``(tensor, staged, part, first block,
+        blocks)``. Packed: one staging buffer (part -1). Split: the header, then K and V of
+        each run, straight into the cache when the leg carries all local heads."""
+        wire = route.wire
+        if not wire.split:
+            return [(self.staging.take(wire.nbytes, kv_layer.device), True, -1, 0, 0)]
+        heads = route.heads
+        whole = heads.start == 0 and heads.stop == kv_layer.shape[3] and kv_layer.is_contiguous()
+        parts = [(self.staging.take(HEADER_BYTES, kv_layer.device), True, -1, 0, 0)]
+        runs = block_ids.runs
+        if tuple(n for _, _, n in runs) != wire.split:
+            raise TransferError("the receiver's block runs disagree with the message layout")
+        for _, first, n in runs:
+            for part in (0, 1):
+                if whole:
+                    view = kv_layer[part, first : first + n].reshape(-1).view(torch.uint8)
+                    parts.append((view, False, part, first, n))
+                else:
+                    buf = self.staging.take(wire.chunk_bytes(n), kv_layer.device)
+                    parts.append((buf, True, part, first, n))
+        return parts
+
+    @staticmethod
+    def _land(route: Route, parts: list, kv_layer: torch.Tensor, block_ids: BlockIndex) -> None:
+        """Copy one received layer from its staging buffers into the cache (header checked)."""
+        wire = route.wire
+        if not wire.split:
+            wire.unpack(parts[0][0], kv_layer, block_ids, route.heads)
+            return
+        for t, staged, part, first, n in parts[1:]:
+            if staged:
+                src = t.view(wire.dtype).view(wire.chunk_shape(n))
+                kv_layer[part, first : first + n, :, route.heads, :].copy_(src)

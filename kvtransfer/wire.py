@@ -10,9 +10,23 @@ a single contiguous uint8 buffer, so one send/recv moves a whole layer whatever 
     header: int64 fingerprint of the transfer, int64 layer index (CANCELLED = -1: the sender
             gave the transfer up; the payload is garbage and the receiver drains the rest)
 
+Split format (large uncompressed layers whose receiver blocks form few runs): the same bytes
+as several messages under the layer's tag, matched in order, so that neither side copies
+through a staging buffer where the cache already holds them contiguously:
+
+    split : | header 16 B |  then per run of consecutive receiver blocks (n blocks):
+            | K [n, bs, h, d] | V [n, bs, h, d] |
+
+A sender whose source blocks over a run are consecutive too, and who sends all its local
+heads, sends straight from its cache; a receiver taking all its local heads receives straight
+into its cache. Either side otherwise stages that part (gather / slice copy). Both sides know
+the receiver's block ids (the plan), so both derive the same message sizes.
+
 The receiver checks the header before it scatters anything, so a message that matched the
 wrong recv (a tag collision, or NCCL's order-only matching used wrongly) fails the transfer
-instead of silently writing another request's KV.
+instead of silently writing another request's KV. (Split parts received in place land in the
+transfer's own reserved blocks before the check; a failed check fails the transfer and the
+caller frees those blocks, as after any failure.)
 
 Tags are 31 bits: | transfer tag_id (20 bits) | message (11 bits) |, with message = the layer
 index (0..2045) for data, 2047 for the ack, and 2046 reserved by torch_channel for close().
@@ -21,7 +35,7 @@ index (0..2045) for data, 2047 for the ack, and 2046 reserved by torch_channel f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from pdserve.kvtransfer.channel import TransferError
@@ -29,6 +43,8 @@ from pdserve.kvtransfer.compress import compressed_nbytes, dequantize_kv, quanti
 from pdserve.kvtransfer.plan import TransferPlan
 
 HEADER_BYTES = 16
+SPLIT_MIN_BYTES = 256 << 10  # a layer's payload at least this big may use the split format
+SPLIT_MAX_RUNS = 8  # ... when the receiver's blocks form at most this many runs
 _MSG_BITS = 11
 ACK_MSG = (1 << _MSG_BITS) - 1
 CANCELLED = -1  # the header's layer field of a cancel message
@@ -74,6 +90,13 @@ class BlockIndex:
     def by_runs(self) -> bool:
         return len(self.runs) * 4 <= len(self.ids)
 
+    def span(self, at: int, n: int) -> int | None:
+        """The first id if ids[at:at+n] are consecutive, else None."""
+        for pos, first, length in self.runs:
+            if pos <= at < pos + length:
+                return first + at - pos if at + n <= pos + length else None
+        return None
+
 
 def _as_index(block_ids: torch.Tensor | BlockIndex) -> BlockIndex:
     if isinstance(block_ids, BlockIndex):
@@ -91,13 +114,32 @@ class LayerWire:
     head_dim: int
     dtype: torch.dtype
     compress: str | None
+    split: tuple[int, ...] = ()  # split format: the receiver's block runs (lengths); () packed
 
     @classmethod
     def for_plan(cls, plan: TransferPlan, num_heads: int) -> LayerWire:
         lay = plan.src_layout
-        return cls(
+        wire = cls(
             plan.num_blocks, lay.block_size, num_heads, lay.head_dim, lay.dtype, plan.compress
         )
+        if plan.compress is None and wire.nbytes - HEADER_BYTES >= SPLIT_MIN_BYTES:
+            runs = BlockIndex.of(plan.dst_block_ids, torch.device("cpu")).runs
+            if len(runs) <= SPLIT_MAX_RUNS:
+                wire = replace(wire, split=tuple(n for _, _, n in runs))
+        return wire
+
+    def chunk_bytes(self, n: int) -> int:
+        """Bytes of the K (or V) part of `n` blocks."""
+        return n * self.block_size * self.num_heads * self.head_dim * self.dtype.itemsize
+
+    def chunk_shape(self, n: int) -> tuple[int, int, int, int]:
+        return (n, self.block_size, self.num_heads, self.head_dim)
+
+    def part_sizes(self) -> list[int]:
+        """The byte sizes of the messages of one layer, in the order they are sent."""
+        if not self.split:
+            return [self.nbytes]
+        return [HEADER_BYTES] + [self.chunk_bytes(n) for n in self.split for _ in (0, 1)]
 
     @property
     def _one_shape(self) -> tuple[int, int, int, int]:
@@ -161,6 +203,10 @@ class LayerWire:
             q, scale = quantize_kv(kv[part], per)
             out[q_at : q_at + q.numel()].view(torch.int8).view(q.shape).copy_(q)
             out[s_at:s_end].view(torch.float32).view(scale.shape).copy_(scale)
+
+    @staticmethod
+    def write_header(out: torch.Tensor, fingerprint: int, layer: int) -> None:
+        out[:HEADER_BYTES].view(torch.int64).copy_(torch.tensor([fingerprint, layer]))
 
     @staticmethod
     def write_cancel(out: torch.Tensor, fingerprint: int) -> None:

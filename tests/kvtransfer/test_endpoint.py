@@ -106,3 +106,67 @@ def test_register_reports_missing_channels_and_a_push_without_one_fails():
             ep.wait(3, 1.0)  # forgotten after the failure
     finally:
         ep.close()
+
+
+@pytest.mark.parametrize("src_ids,dst_ids", [
+    ([1, 4, 7], [9, 0, 3]),  # nothing consecutive: every part staged on both sides
+    ([2, 3, 4, 8], [5, 6, 7, 1]),  # runs: sent from the cache where source blocks allow
+])
+@pytest.mark.parametrize("p,d", [(2, 1), (1, 2), (1, 1)])
+def test_split_format_moves_the_same_bytes(monkeypatch, p, d, src_ids, dst_ids):
+    """Large layers travel as header + K/V per receiver run, received in place where the leg
+    carries all the receiver rank's heads (1 -> 1, 1 -> 2) and staged where it does not."""
+    from pdserve.kvtransfer import ChannelListener, KVReceiver, KVSender, TransferPlan, connect
+    from pdserve.kvtransfer import wire
+
+    monkeypatch.setattr(wire, "SPLIT_MIN_BYTES", 0)
+    src_l = KVLayout(LAYERS, BS, HEADS, DIM, tp_size=p, dtype_str="bfloat16")
+    dst_l = KVLayout(LAYERS, BS, HEADS, DIM, tp_size=d, dtype_str="bfloat16")
+    plan = TransferPlan("split", src_ids, dst_ids, 0, LAYERS, src_l, dst_l, None, 21)
+    torch.manual_seed(1)
+    full = torch.randn(LAYERS, 2, NBLK, BS, HEADS, DIM).to(torch.bfloat16)
+    src_kv = [full[..., list(src_l.head_range(s)), :].contiguous() for s in range(p)]
+    dst_kv = [torch.zeros(dst_l.kv_shape(r, NBLK), dtype=torch.bfloat16) for r in range(d)]
+    chans: dict = {}  # (s, r) -> (sender side, receiver side)
+    for s in range(p):
+        for r in range(d):
+            lst = ChannelListener("127.0.0.1", f"s{s}r{r}", 1)
+            box = {}
+            th = threading.Thread(target=lambda: box.setdefault("c", lst.accept("s", 5.0)))
+            th.start()
+            snd = connect(lst.address, "r", 5.0)
+            th.join()
+            chans[s, r] = (snd, box["c"])
+    boxes = []
+    for r in range(d):
+        box: dict = {}
+        chs = {s: chans[s, r][1] for s in range(p)}
+
+        def run(r=r, chs=chs, box=box) -> None:
+            try:
+                box["stats"] = KVReceiver(r).receive(plan, dst_kv[r], chs, 5.0)
+            except BaseException as e:  # noqa: BLE001 - checked below
+                box["error"] = e
+
+        th = threading.Thread(target=run)
+        th.start()
+        boxes.append((th, box))
+    senders = [KVSender(s) for s in range(p)]
+    for s, snd in enumerate(senders):
+        snd.begin(plan, {r: chans[s, r][0] for r in range(d)})
+        assert all(route.wire.split for route in snd._out["split"].routes)
+        for layer in range(LAYERS):
+            snd.send_layers(plan, src_kv[s], [layer])
+    sent = sum(snd.wait_done("split", 5.0).bytes for snd in senders)
+    for th, box in boxes:
+        th.join()
+        assert "error" not in box, box
+    assert sent == sum(box["stats"].bytes for _, box in boxes)
+    for r in range(d):
+        want = full[:, :, src_ids][..., list(dst_l.head_range(r)), :]
+        assert torch.equal(dst_kv[r][:, :, dst_ids], want)
+        others = [b for b in range(NBLK) if b not in dst_ids]
+        assert dst_kv[r][:, :, others].abs().sum() == 0
+    for a, b in chans.values():
+        a.close()
+        b.close()
