@@ -39,9 +39,7 @@ def _layout(tp: int = 1):
 
 def _side(role: str, tokens: list[int], reps: int, q, addr_q) -> None:
     import torch.distributed as dist
-
-    from pdserve.kvtransfer import (ChannelListener, KVReceiver, KVSender, TransferPlan,
-                                    connect)
+    from pdserve.kvtransfer import ChannelListener, KVReceiver, KVSender, TransferPlan, connect
     torch.set_num_threads(1)
     nblk = max(tokens) // BS
     kv = torch.randn(LAYERS, 2, nblk + 1, BS, HEADS, DIM).to(torch.bfloat16)

@@ -17,10 +17,12 @@ sent as same-size *cancel* messages; the receiver drains them, acks "cancelled" 
 fingerprint) and raises TransferCancelled. The protocol thus always runs to its end, and the
 channel stays usable for the other transfers on it.
 
-Lifetimes (LESSONS #3): the sender's blocks stay untouched until `wait_done` returns; today the
-gather copies synchronously, but a zero-copy path may read the blocks later. The receiver
-writes `kv` only inside `receive`, and only blocks in `dst_block_ids`; if `receive` raises,
-those blocks hold garbage and the caller frees them. Every wait has a deadline (LESSONS #1);
+Lifetimes (LESSONS #3): the sender's blocks stay untouched until `wait_done` (or `abort`)
+returns: large layers are sent straight from the cache (wire.py, split format), so the blocks
+are read until the sends complete. The receiver writes `kv` only inside `receive`, and only
+blocks in `dst_block_ids` (split parts are received into them in place); if `receive`
+raises, its channels were closed first (no pending op writes any more), those blocks hold
+garbage and the caller frees them. Every wait has a deadline (LESSONS #1);
 any failure breaks the channel (see channel.py), and the ChannelPool replaces it.
 
 The sender posts its ack recvs in `begin` on tagged (gloo) channels, so that the receiver's ack

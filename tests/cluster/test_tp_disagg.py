@@ -11,10 +11,9 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import deploy
-
 from pdserve.workers.llm import LLM
 from pdserve.workers.request import SamplingParams
+from serve_helpers import deploy
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 

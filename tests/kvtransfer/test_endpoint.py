@@ -116,8 +116,14 @@ def test_register_reports_missing_channels_and_a_push_without_one_fails():
 def test_split_format_moves_the_same_bytes(monkeypatch, p, d, src_ids, dst_ids):
     """Large layers travel as header + K/V per receiver run, received in place where the leg
     carries all the receiver rank's heads (1 -> 1, 1 -> 2) and staged where it does not."""
-    from pdserve.kvtransfer import ChannelListener, KVReceiver, KVSender, TransferPlan, connect
-    from pdserve.kvtransfer import wire
+    from pdserve.kvtransfer import (
+        ChannelListener,
+        KVReceiver,
+        KVSender,
+        TransferPlan,
+        connect,
+        wire,
+    )
 
     monkeypatch.setattr(wire, "SPLIT_MIN_BYTES", 0)
     src_l = KVLayout(LAYERS, BS, HEADS, DIM, tp_size=p, dtype_str="bfloat16")
@@ -132,7 +138,7 @@ def test_split_format_moves_the_same_bytes(monkeypatch, p, d, src_ids, dst_ids):
         for r in range(d):
             lst = ChannelListener("127.0.0.1", f"s{s}r{r}", 1)
             box = {}
-            th = threading.Thread(target=lambda: box.setdefault("c", lst.accept("s", 5.0)))
+            th = threading.Thread(target=lambda b=box, ln=lst: b.setdefault("c", ln.accept("s", 5.0)))
             th.start()
             snd = connect(lst.address, "r", 5.0)
             th.join()
