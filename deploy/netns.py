@@ -91,6 +91,11 @@ def sweep_stale() -> list[str]:
             _kill_ns(name)
             _run("ip", "netns", "del", name, check=False)
             removed.append(name)
+    for d in Path(tempfile.gettempdir()).glob("pdn*-*"):  # their work dirs (Ray temp dirs)
+        pid = d.name[3:].split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
     for line in _run("ip", "-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         pid = name[4:] if name.startswith("pdbr") else ""
