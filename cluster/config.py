@@ -178,6 +178,7 @@ class AutoscalingConfig:
 
     enabled: bool = False
     interval_s: float = 2.0  # how often pools are measured and decided on
+    drain_timeout_s: float = 30.0  # scale-in goes on after this even if a drain has not ended
     prefill: PoolScaling = field(default_factory=PoolScaling)
     decode: PoolScaling = field(default_factory=PoolScaling)
     colocated: PoolScaling = field(default_factory=PoolScaling)
@@ -191,7 +192,8 @@ class AutoscalingConfig:
                 _need(not bad, f"autoscaling.{name}: unknown keys {', '.join(sorted(bad))}; "
                       "known: min_replicas, max_replicas")
                 object.__setattr__(self, name, PoolScaling(**v))
-        _need(self.interval_s > 0, f"autoscaling.interval_s={self.interval_s}: must be positive")
+        _need(self.interval_s > 0 and self.drain_timeout_s > 0, "autoscaling.interval_s and "
+              "autoscaling.drain_timeout_s must be positive")
         from .autoscaler import ScalingPolicy
 
         known = set(ScalingPolicy.__dataclass_fields__) - {

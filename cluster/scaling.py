@@ -75,6 +75,7 @@ class ScalingController:
         self.handles = handles
         self.enabled = bool(a.get("enabled", False))
         self.interval_s = float(a.get("interval_s", 2.0))
+        self.drain_timeout_s = float(a.get("drain_timeout_s", 30.0))
         self.tp = {p: int(app_config[p]["tp"]) for p in pools.pools}
         self.signals = signals or (dict)
         self._drain = drain
@@ -272,9 +273,17 @@ class ScalingController:
             if target < info.target and pool == "decode":
                 victim = self._victim(info)
                 if victim is not None:
-                    n = await self._drain_replica(pool, victim)
-                    rec["drained"] = {"instance_id": victim, "requests": n}
                     self._drained[pool] = victim
+                    try:
+                        n = await asyncio.wait_for(self._drain_replica(pool, victim),
+                                                   self.drain_timeout_s)
+                        rec["drained"] = {"instance_id": victim, "requests": n}
+                    except Exception as e:  # noqa: BLE001 - scale in anyway: the router
+                        # recovers whatever still runs there (re-prefill on a live instance)
+                        rec["drained"] = {"instance_id": victim,
+                                          "error": f"{type(e).__name__}: {e}"[:300]}
+                        log.warning("draining %s before scale-in failed (%s); scaling in "
+                                    "anyway", victim, rec["drained"]["error"])
             await self.pools.set_target(pool, target)
             rec["applied"] = True
         except Exception as e:  # noqa: BLE001 - reported with the decision, retried next round

@@ -4,6 +4,7 @@ another one, records operator actions, and only measures while autoscaling is of
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 from pdserve.cluster.scaling import ScalingController
@@ -80,7 +81,7 @@ class FakeServe:
 
 
 def controller(serve: FakeServe, enabled: bool = True, decisions: list | None = None):
-    cfg = {"autoscaling": {"enabled": enabled, "interval_s": 1.0,
+    cfg = {"autoscaling": {"enabled": enabled, "interval_s": 1.0, "drain_timeout_s": 0.2,
                            "decode": {"min_replicas": 1, "max_replicas": 3},
                            "prefill": {"min_replicas": 1, "max_replicas": 1}, "policy": POLICY},
            "slo": {"ttft_s": 1.0, "tpot_s": 0.1},
@@ -152,3 +153,18 @@ async def test_operator_scaling_is_recorded_and_autoscaling_off_only_measures():
     await c.tick()
     await c.tick()
     assert serve.targets["decode"] == 2  # brought within [min, max]
+
+
+async def test_a_drain_that_hangs_does_not_block_the_scale_in():
+    serve = FakeServe({"prefill": 1, "decode": 2})
+
+    async def hang(target):
+        await asyncio.sleep(60)
+
+    serve.handles["decode"].drain = type("C", (), {"remote": staticmethod(
+        lambda target: hang(target))})()
+    c = controller(serve)
+    await asyncio.wait_for(c.tick(), 5)
+    d = c.decisions[-1]
+    assert d["action"] == "in" and d["applied"] and serve.targets["decode"] == 1
+    assert "TimeoutError" in d["drained"]["error"]
