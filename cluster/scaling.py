@@ -95,6 +95,7 @@ class ScalingController:
         self._prev: dict[str, tuple[float, Any]] = {}  # replica -> (t, InstanceStats)
         self._transfer_seen: dict[str, float] = {}  # replica -> newest transfer time counted
         self.transfer_bytes = 0  # KV bytes received by decode instances, since start
+        self.transfer_seconds = {"wait": 0.0, "transfer": 0.0, "scatter": 0.0}  # their split
         self.decisions: deque[dict] = deque(maxlen=500)  # changes (auto and manual)
         self.last: dict[str, dict] = {}  # pool -> the latest autoscaler decision (holds too)
         self.snapshot: dict[str, dict] = {}  # pool -> {target, replicas: [ReplicaView]}
@@ -198,6 +199,9 @@ class ScalingController:
             seen = self._transfer_seen.get(r.replica_id, 0.0)
             fresh = [e for e in log_ if e.get("t", 0.0) > seen]
             self.transfer_bytes += sum(int(e.get("bytes", 0)) for e in fresh)
+            for phase in self.transfer_seconds:
+                self.transfer_seconds[phase] += sum(float(e.get(f"{phase}_s") or 0.0)
+                                                    for e in fresh)
             if fresh:
                 self._transfer_seen[r.replica_id] = max(e["t"] for e in fresh)
 

@@ -86,7 +86,7 @@ class Ops:
 
     def _on_tick(self, c: ScalingController) -> None:
         adm = self.front.admission
-        metrics.observe_pools(c.snapshot, adm.stats(), c.transfer_bytes)
+        metrics.observe_pools(c.snapshot, adm.stats(), c.transfer_bytes, c.transfer_seconds)
         metrics.observe_migration(self.migration())
         for pool, p in c.snapshot.items():  # admission follows the replicas that serve
             gate = adm.gates.get(pool)

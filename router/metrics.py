@@ -59,6 +59,10 @@ PREFIX_HIT = Gauge("pdserve_prefix_cache_hit_ratio", "Prompt tokens served from 
                    registry=REGISTRY)
 TRANSFER_BYTES = Gauge("pdserve_kv_transfer_received_bytes", "KV bytes received by decode "
                        "instances since the router started", registry=REGISTRY)
+TRANSFER_SECONDS = Gauge("pdserve_kv_transfer_seconds", "Time decode instances spent on the "
+                         "KV transfers they received, by phase (wait: for the sender; "
+                         "transfer: on the wire; scatter: into the paged cache)", ["phase"],
+                         registry=REGISTRY)
 SLO_ATTAINMENT = Gauge("pdserve_slo_attainment", "Share of requests finished in the sliding "
                        "window that met the SLO (ttft, tpot, or both)", ["slo"],
                        registry=REGISTRY)
@@ -165,7 +169,8 @@ class RequestTimer:
 
 
 def observe_pools(snapshot: dict[str, dict], admission: dict[str, dict] | None = None,
-                  transfer_bytes: int | None = None) -> None:
+                  transfer_bytes: int | None = None,
+                  transfer_seconds: dict[str, float] | None = None) -> None:
     """Set the pool and instance gauges from a scaling-controller snapshot
     (``{pool: {"target": n, "replicas": [ReplicaView as dict]}}``) and the admission gates'
     stats. Instances that are gone disappear from the gauges."""
@@ -190,6 +195,8 @@ def observe_pools(snapshot: dict[str, dict], admission: dict[str, dict] | None =
         PREFIX_HIT.labels(pool).set(sum(r["prefix_hit_tokens"] for r in reps) / q if q else 0.0)
     if transfer_bytes is not None:
         TRANSFER_BYTES.set(transfer_bytes)
+    for phase, v in (transfer_seconds or {}).items():
+        TRANSFER_SECONDS.labels(phase).set(v)
 
 
 def observe_migration(snapshot: dict | None) -> None:

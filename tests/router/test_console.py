@@ -130,6 +130,7 @@ async def test_pool_and_instance_metrics_move_under_load(api_app):
     both = metric(after, "pdserve_slo_attainment", slo="both")
     assert len(both) == 1 and 0.0 <= both[0] <= 1.0
     assert metric(after, "pdserve_kv_transfer_received_bytes")[0] > 0
+    assert metric(after, "pdserve_kv_transfer_seconds", phase="transfer")[0] > 0
     w = state["window"]
     assert w["requests"] >= 6 and w["ttft"]["p50"] > 0 and w["tpot"]["p99"] > 0
     hist = state["history"]
