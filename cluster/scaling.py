@@ -38,6 +38,7 @@ from .serve_pools import PoolInfo, ScalingUnavailable, ServePools
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 3.0
+STOP_WAIT_S = 120.0  # a drained replica serves again if Serve has not stopped one by then
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class ScalingController:
         self.snapshot: dict[str, dict] = {}  # pool -> {target, replicas: [ReplicaView]}
         self.snapshot_at: float | None = None
         self._drained: dict[str, str] = {}  # pool -> replica drained for a pending scale-in
+        self._drained_at: dict[str, float] = {}  # pool -> when (clock)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
 
@@ -277,7 +279,7 @@ class ScalingController:
             if target < info.target and pool == "decode":
                 victim = self._victim(info)
                 if victim is not None:
-                    self._drained[pool] = victim
+                    self._drained[pool], self._drained_at[pool] = victim, self.clock()
                     try:
                         n = await asyncio.wait_for(self._drain_replica(pool, victim),
                                                    self.drain_timeout_s)
@@ -293,7 +295,9 @@ class ScalingController:
         except Exception as e:  # noqa: BLE001 - reported with the decision, retried next round
             rec["applied"] = False
             rec["error"] = f"{type(e).__name__}: {e}"
-            self._drained.pop(pool, None)
+            victim = self._drained.pop(pool, None)
+            if victim is not None:  # it stays: back into service
+                await self._undrain(pool, victim)
             log.warning("scaling %s to %d failed: %s", pool, target, rec["error"])
         self._export(rec, record=True)
 
@@ -326,11 +330,20 @@ class ScalingController:
             if rid not in alive:
                 del self._drained[pool]
             elif len(info.replicas) <= info.target:
-                try:
-                    await self.handles[pool].undrain.remote(target=rid)
-                    log.info("scale-in of %s stopped another replica; %s serves again", pool, rid)
-                finally:
-                    del self._drained[pool]
+                log.info("scale-in of %s stopped another replica; %s serves again", pool, rid)
+                del self._drained[pool]
+                await self._undrain(pool, rid)
+            elif self.clock() - self._drained_at[pool] > STOP_WAIT_S:
+                log.warning("Serve has not stopped a %s replica %.0f s after a scale-in; %s "
+                            "serves again", pool, STOP_WAIT_S, rid)
+                del self._drained[pool]
+                await self._undrain(pool, rid)
+
+    async def _undrain(self, pool: str, replica_id: str) -> None:
+        try:
+            await self.handles[pool].undrain.remote(target=replica_id)
+        except Exception as e:  # noqa: BLE001 - gone after all: nothing to undo
+            log.info("undrain of %s: %s", replica_id, e)
 
     # ---- by hand -------------------------------------------------------------------------------
     async def scale(self, pool: str, replicas: int, reason: str = "by hand") -> dict:

@@ -168,3 +168,17 @@ async def test_a_drain_that_hangs_does_not_block_the_scale_in():
     d = c.decisions[-1]
     assert d["action"] == "in" and d["applied"] and serve.targets["decode"] == 1
     assert "TimeoutError" in d["drained"]["error"]
+
+
+async def test_a_failed_scale_in_puts_the_drained_replica_back():
+    serve = FakeServe({"prefill": 1, "decode": 2})
+
+    async def refuse(pool, n):
+        raise RuntimeError("Serve said no")
+
+    serve.set_target = refuse
+    c = controller(serve)
+    await c.tick()
+    d = c.decisions[-1]
+    assert d["action"] == "in" and d["applied"] is False and "Serve said no" in d["error"]
+    assert serve.drained and serve.undrained == serve.drained and not serve.draining
