@@ -50,6 +50,9 @@ def split_text(tok, text: str, chunks: Sequence[str | list[int]], where: str,
         ids += enc(text[pos:at])
         start = len(ids)
         ids += enc(c)
+        if len(ids) == start:
+            raise BadRequest(f"pdserve.chunks[{i}] has no tokens of its own; send the "
+                             "document's text", PARAM)
         spans.append((start, len(ids)))
         pos = at + len(c)
     ids += enc(text[pos:])
