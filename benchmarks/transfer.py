@@ -8,7 +8,9 @@ Part 1 (two processes, one per side, gloo over loopback): for SmolLM2-sized requ
 ``KVReceiver`` (gather per layer, header check, scatter into the paged cache, ack) against
 ``send``/``recv`` of one contiguous buffer of the same size on a plain pair group.
 Part 2 (one process): a prefill and a decode ``Instance`` wired directly vs one colocated
-engine, one request at a time, one torch thread per instance. Disaggregated TTFT is measured
+``Instance`` (``generate_full``, the path a colocated Serve replica runs: the same AsyncEngine
+thread and asyncio hand-off as the disaggregated side, so only disaggregation differs), one
+request at a time, one torch thread per instance. Disaggregated TTFT is measured
 when ``prefill`` returns: the first token is sampled *and* the decode side acked the whole KV,
 which is when the router streams the first token to the client (``orchestrator._pass`` yields
 it before the decode stream starts). ``disagg_ready_s`` adds the decode side's first step
@@ -106,7 +108,6 @@ def transfer_part(tokens: list[int], reps: int) -> dict:
 
 def ttft_part(prompt_lens: list[int], reps: int) -> dict:
     from pdserve.workers.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-    from pdserve.workers.engine import Engine
     from pdserve.workers.instance import Instance
     from pdserve.workers.messages import Job
     from pdserve.workers.model_store import ensure_default_model
@@ -126,7 +127,7 @@ def ttft_part(prompt_lens: list[int], reps: int) -> dict:
 
     pre = Instance(EngineConfig(mc, cache, SchedulerConfig(role="prefill", max_num_batched_tokens=8192)),
                    "P", peers=Direct())
-    colo = Engine(EngineConfig(mc, cache, SchedulerConfig(max_num_batched_tokens=8192)))
+    colo = Instance(EngineConfig(mc, cache, SchedulerConfig(max_num_batched_tokens=8192)), "C")
     sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     g = torch.Generator().manual_seed(0)
     out = {}
@@ -146,16 +147,19 @@ def ttft_part(prompt_lens: list[int], reps: int) -> dict:
         dec.abort(job.request_id)
         return ttft, ready
 
+    async def colocated(ids) -> float:
+        nonlocal n
+        n += 1
+        t0 = time.perf_counter()
+        async for _ in colo.generate_full(Job(f"c{n}", ids, sp)):
+            break  # the first token; leaving the stream aborts the request
+        return time.perf_counter() - t0
+
     for plen in prompt_lens:
         d_s, c_s, r_s = [], [], []
         for r in range(reps + 1):
             ids = torch.randint(100, mc.vocab_size, (plen,), generator=g).tolist()
-            t0 = time.perf_counter()
-            req = colo.add_request(ids, sp)
-            while not req.output_ids:
-                colo.step()
-            c = time.perf_counter() - t0
-            colo.abort(req.request_id)
+            c = asyncio.run(colocated(ids))
             d, ready = asyncio.run(disagg(ids))
             if r:  # the first round warms up
                 c_s.append(c)
@@ -169,6 +173,7 @@ def ttft_part(prompt_lens: list[int], reps: int) -> dict:
                  f"{out[plen]['disagg_ready_s']*1e3:.0f} ms)")
     pre.shutdown()
     dec.shutdown()
+    colo.shutdown()
     return out
 
 
