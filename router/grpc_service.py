@@ -59,6 +59,10 @@ def request_body(req: pb.GenerateRequest) -> CompletionRequest | ChatCompletionR
             d["logprobs"] = req.logprobs
     else:
         raise BadRequest("the request has no input: set prompt, prompt_ids or messages", "input")
+    if req.chunks or req.chunk_ids:
+        d["pdserve"] = {"chunks": list(req.chunks) + [list(t.ids) for t in req.chunk_ids]}
+        if req.HasField("recompute_ratio"):
+            d["pdserve"]["recompute_ratio"] = req.recompute_ratio
     try:
         return cls.model_validate(d)
     except ValidationError as e:

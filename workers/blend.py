@@ -32,6 +32,7 @@ token subset per layer); a change to one must be made to the other.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -99,13 +100,13 @@ def compute_alone(model: LlamaModel, chunks: list[list[int]], block_size: int) -
     return [flat[:, :, offs[i]:offs[i + 1]].clone() for i in range(len(chunks))]
 
 
+@dataclass(frozen=True)
 class BlendStats:
     """What one blend did (for tests and the benchmark)."""
 
-    def __init__(self, num_tokens: int, num_reused: int, num_recomputed: int) -> None:
-        self.num_tokens = num_tokens  # tokens in the blended region
-        self.num_reused = num_reused  # chunk tokens whose KV came from the store
-        self.num_recomputed = num_recomputed  # of those, recomputed from select_layer on
+    num_tokens: int  # tokens in the blended region
+    num_reused: int  # chunk tokens whose KV came from the store
+    num_recomputed: int  # of those, recomputed from select_layer on
 
 
 @torch.inference_mode()

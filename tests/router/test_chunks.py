@@ -69,3 +69,17 @@ def test_chunk_errors_say_what_to_fix(front):
         with pytest.raises(ValidationError) as e:
             CompletionRequest.model_validate({"prompt": "abc", "pdserve": ext})
         assert msg in describe_validation(list(e.value.errors()))[0]
+
+
+def test_grpc_request_carries_chunks(front):
+    from pdserve.router.grpc_service import request_body
+    from pdserve.router.proto import pdserve_pb2 as pb
+
+    req = pb.GenerateRequest(prompt=f"Docs: {DOC_A} Q?", chunks=[DOC_A], recompute_ratio=0.5)
+    job = front.completion_job(request_body(req))
+    (s, e), = job.chunks.spans
+    assert front.tok.decode(job.prompt_ids[s:e]) == DOC_A and job.chunks.recompute_ratio == 0.5
+    ids = pb.GenerateRequest(prompt_ids=pb.TokenIds(ids=[5, 6, 7, 8]),
+                             chunk_ids=[pb.TokenIds(ids=[6, 7])])
+    assert front.completion_job(request_body(ids)).chunks.spans == ((1, 3),)
+    assert request_body(pb.GenerateRequest(prompt="x")).pdserve is None
