@@ -147,6 +147,13 @@ def ttft_part(prompt_lens: list[int], reps: int) -> dict:
         dec.abort(job.request_id)
         return ttft, ready
 
+    def settle(*insts) -> None:
+        # one request at a time: let the step that was running when a stream was left
+        # (colocated: token 2; decode: its first step) finish before the next measurement
+        while any(i.aengine.call(lambda e: e.has_work) for i in insts):
+            time.sleep(0.005)
+        time.sleep(0.02)
+
     async def colocated(ids) -> float:
         nonlocal n
         n += 1
@@ -160,7 +167,9 @@ def ttft_part(prompt_lens: list[int], reps: int) -> dict:
         for r in range(reps + 1):
             ids = torch.randint(100, mc.vocab_size, (plen,), generator=g).tolist()
             c = asyncio.run(colocated(ids))
+            settle(colo, pre, dec)
             d, ready = asyncio.run(disagg(ids))
+            settle(colo, pre, dec)
             if r:  # the first round warms up
                 c_s.append(c)
                 d_s.append(d)
