@@ -65,6 +65,11 @@ class Limits:
 
 
 class ScalingController:
+    """Per app: ``tick()`` measures every pool and, when ``enabled``, applies one
+    ``PoolAutoscaler`` per pool; ``scale()`` is the operator's hand. Decisions that change a
+    count are kept in ``decisions`` and passed to ``on_decision`` (metrics); holds only to
+    ``on_decision`` and ``last``."""
+
     def __init__(self, pools: ServePools, handles: dict[str, Any], app_config: dict,
                  signals: Callable[[], dict[str, float | None]] | None = None,
                  drain: Callable[[str], Awaitable[int]] | None = None,
@@ -78,7 +83,7 @@ class ScalingController:
         self.interval_s = float(a.get("interval_s", 2.0))
         self.drain_timeout_s = float(a.get("drain_timeout_s", 30.0))
         self.tp = {p: int(app_config[p]["tp"]) for p in pools.pools}
-        self.signals = signals or (dict)
+        self.signals = signals or dict  # the router's measurements (see router/console.py)
         self._drain = drain
         self.on_decision = on_decision
         self.on_tick = on_tick  # after each round's snapshot (metrics, the console's history)
