@@ -3,7 +3,9 @@
 Channels (`Channel`, `TorchDistChannel` over gloo/NCCL pair groups, rendezvous through
 `ChannelListener` / `connect`), the per-peer `ChannelPool`, transfer plans with head
 re-sharding for heterogeneous TP (`KVLayout`, `TransferPlan`, `head_slices`), the layer-wise
-`KVSender` / `KVReceiver`, and optional int8 compression (`quantize_kv`, `dequantize_kv`).
+`KVSender` / `KVReceiver` (reusing `StagingPool` buffers), the per-TP-rank `RankEndpoint` with
+its `PushSpec` (what rank 0 of a TP instance registers with its other ranks before a push),
+and optional int8 compression (`quantize_kv`, `dequantize_kv`).
 It moves bytes; it does not decide which instances talk.
 """
 
@@ -17,9 +19,11 @@ from pdserve.kvtransfer.channel import (
     TransferTimeout,
 )
 from pdserve.kvtransfer.compress import dequantize_kv, quantize_kv
+from pdserve.kvtransfer.endpoint import PushSpec, RankEndpoint
 from pdserve.kvtransfer.plan import KVLayout, TransferPlan, head_slices
 from pdserve.kvtransfer.pool import ChannelPool, PeerId
 from pdserve.kvtransfer.rendezvous import ChannelAddress, ChannelListener, connect
+from pdserve.kvtransfer.staging import StagingPool
 from pdserve.kvtransfer.torch_channel import TorchDistChannel
 from pdserve.kvtransfer.transfer import KVReceiver, KVSender, TransferCancelled, TransferStats
 
@@ -34,6 +38,9 @@ __all__ = [
     "KVSender",
     "PeerId",
     "Pending",
+    "PushSpec",
+    "RankEndpoint",
+    "StagingPool",
     "TorchDistChannel",
     "TransferCancelled",
     "TransferError",
