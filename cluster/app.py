@@ -71,9 +71,9 @@ def build_app(config: AppConfig | dict[str, Any] | None = None):
     cfg.check_model(mc.num_heads, mc.num_kv_heads)
     name = DEFAULT_MODEL if cfg.model is None or cfg.model.lower() in ("smollm2", DEFAULT_MODEL.lower()) \
         else cfg.model.rstrip("/").split("/")[-1]
+    router_actor = {"num_cpus": 0, **_placement(cfg.router.resources, cfg.router.node_labels)}
     router = serve.deployment(Router).options(name="router", num_replicas=1,
-                                              ray_actor_options={"num_cpus": 0, **_placement(
-                                                  cfg.router.resources, cfg.router.node_labels)},
+                                              ray_actor_options=router_actor,
                                               max_ongoing_requests=100_000)
     if cfg.mode == "colocated":
         colo = _pool(cfg, "colocated", model_path)

@@ -85,6 +85,11 @@ class MigrationConfig:
     pressure_free: float = 0.1  # memory pressure: a source with less free KV than this share
     min_running: int = 2  # a source needs this many decoding requests (imbalance trigger)
     cooldown_s: float = 2.0  # between two automatic migrations from the same instance
+    # The source announces the destination on the stream before the switch and the router
+    # connects to it then (saves a round trip at the switch). Off by default: with Ray Serve
+    # 2.60, a handle that had opened such early streams stopped delivering targeted calls in
+    # a drain-after-migrations test (under investigation).
+    connect_early: bool = False
 
     def __post_init__(self) -> None:
         _need(self.interval_s > 0, "migration.interval_s must be positive")

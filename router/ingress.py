@@ -33,6 +33,14 @@ def _current_front() -> Frontend:
 app = build_fastapi(_current_front)
 
 
+def _own_handle(pool: str, app_name: str):
+    """A handle of its own for a control loop (scaling, migration). Serve keeps routing state
+    per handle; control loops time out and cancel calls to busy replicas, and a handle that
+    cancelled calls already assigned to a replica was seen to stop delivering calls to it —
+    that must never stall the request path's handles."""
+    return serve.get_deployment_handle(pool, app_name=app_name)
+
+
 @serve.ingress(app)
 class Router:
     def __init__(self, app_config: dict, model_path: str, model_name: str,
@@ -54,7 +62,9 @@ class Router:
         if decode is not None:
             from .migration import MigrationController
 
-            orch.migrator = MigrationController(decode, app_config.get("migration") or {}).start()
+            mig = app_config.get("migration") or {}
+            orch.migrator = MigrationController(_own_handle("decode", orch.app_name), mig).start()
+            orch.connect_early = bool(mig.get("connect_early", False))
         _front = Frontend.for_app(app_config, load_tokenizer(model_path), model_name,
                                   mc.max_position_embeddings, mc.vocab_size, orch)
         self.front = _front
@@ -62,8 +72,8 @@ class Router:
         # when autoscaling is on), on this replica's event loop.
         from .console import Ops
 
-        pools = {"colocated": colocated} if colocated is not None else \
-            {"prefill": prefill, "decode": decode}
+        names = ["colocated"] if colocated is not None else ["prefill", "decode"]
+        pools = {n: _own_handle(n, orch.app_name) for n in names}
         _front.ops = Ops(_front, app_config, orch.app_name, pools).start()
         # Started here: Serve runs the constructor on the replica's event loop, which serves it.
         self.grpc = GrpcServer(_front, r["host"], r["grpc_port"]).start() \

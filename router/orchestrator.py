@@ -51,6 +51,7 @@ class Orchestrator:
         self.max_recoveries = 3
         self.app_name: str | None = None  # set by the ingress; used to refresh handles
         self.migrator = None  # router.migration.MigrationController (disaggregated mode)
+        self.connect_early = False  # open the destination's stream when a hand-over starts
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "recoveries": 0,
                       "migrations": 0,
                       "index_errors": 0,
@@ -183,11 +184,23 @@ class Orchestrator:
         stream = self.decode.options(stream=True).generate.remote(
             job.request_id, res.first_token, res.logprobs, target=d_id)
         done = False
+        early = None  # (instance, its resume stream): opened when a hand-over is announced
         try:
             yield first
             while True:
                 moved_to = None
                 async for c in stream:
+                    if c.migrated_to and not c.finished:
+                        # A live migration is about to hand the request over: connect to
+                        # the destination now (its resume waits for the hand-over), so the
+                        # switch below costs no extra round trip.
+                        if not self.connect_early:
+                            continue
+                        if early is not None:
+                            early[1].cancel()
+                        early = (c.migrated_to, self.decode.options(stream=True).resume.remote(
+                            job.request_id, target=c.migrated_to))
+                        continue
                     if c.finished and c.finish_reason == "migrate" and c.migrated_to:
                         # Live-migrated: the same request decodes on at ``migrated_to``;
                         # follow it there (the client sees one unbroken stream).
@@ -195,7 +208,8 @@ class Orchestrator:
                         if c.token_ids:
                             yield dataclasses.replace(c, finished=False, finish_reason=None,
                                                       migrated_to=None)
-                        break
+                        continue  # read the old stream to its end (it ends here): a
+                        # response left unfinished stays "ongoing" in Serve's handle
                     done = c.finished
                     yield c
                 if moved_to is None:
@@ -204,9 +218,17 @@ class Orchestrator:
                 log.info("request %s: following its migration %s -> %s", job.request_id,
                          d_id, moved_to)
                 d_id = moved_to
-                stream = self.decode.options(stream=True).resume.remote(job.request_id,
-                                                                        target=d_id)
+                if early is not None and early[0] == moved_to:
+                    stream = early[1]
+                else:
+                    if early is not None:
+                        early[1].cancel()
+                    stream = self.decode.options(stream=True).resume.remote(job.request_id,
+                                                                            target=d_id)
+                early = None
         finally:
+            if early is not None:
+                early[1].cancel()
             if not done:
                 stream.cancel()
                 await self._abort_decode(job.request_id, d_id)

@@ -137,6 +137,11 @@ class AsyncEngine:
         with self._lock:
             self.engine.abort(request_id)
 
+    def notify(self, output: RequestOutput) -> None:
+        """Put a control item on a request's stream, in order with its outputs."""
+        with self._lock:
+            self._deliver(output.request_id, output)
+
     def discard(self, request_id: str) -> None:
         """Abort an adopted request nobody consumes, and forget its stream."""
         with self._lock:

@@ -71,6 +71,8 @@ class PoolWorker:
         self.inst = Instance(cfg, self.instance_id, host=_channel_host(),
                              transfer_timeout_s=kv["timeout_s"], compress=kv["compress"],
                              peers=_ServePeers(decode_handle, kv["timeout_s"]), engine=engine)
+        self.inst.migrations.announce = bool((app_config.get("migration") or {})
+                                             .get("connect_early", False))
         # The global prefix index (Redis) is optional and duck-typed: this package never
         # imports cluster code; build_app hands us a publisher (cluster.metadata).
         self.publisher = None

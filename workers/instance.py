@@ -515,12 +515,16 @@ class Instance:
 
     async def resume(self, request_id: str) -> AsyncIterator[TokenChunk]:
         """The stream of a request that migrated here (``Migrations.commit``)."""
-        self.migrations.claim(request_id)
+        await self.migrations.claim(request_id)
         async for o in self.aengine.consume(request_id):
             yield self._out(o)
 
     def _out(self, o) -> TokenChunk:
-        # a live-migrated request's last chunk says where it goes on (None: handed back)
+        # a live-migrated request's last chunk says where it goes on (None: handed back);
+        # "migrating" (not final, no tokens) announces the destination ahead of the switch
+        if o.finish_reason == "migrating":
+            return TokenChunk(o.request_id, [], [], False, None, o.num_prompt_tokens,
+                              o.num_output_tokens, self.migrations.destination.get(o.request_id))
         dest = self.migrations.destination.pop(o.request_id, None) \
             if o.finish_reason == "migrate" else None
         return _chunk(o, dest)

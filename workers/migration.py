@@ -25,6 +25,7 @@ is not committed in time, and a committed request whose stream nobody opens in t
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
@@ -37,11 +38,9 @@ import torch
 from pdserve.kvtransfer import KVLayout, PeerId, TransferPlan
 
 from .messages import InstanceInfo, MigrationState, MigrationTicket
-from .request import Request, Status
+from .request import Request, RequestOutput, Status
 
 if TYPE_CHECKING:
-    import asyncio
-
     from .instance import Instance
 
 log = logging.getLogger(__name__)
@@ -78,6 +77,7 @@ class _Arrival:
     receiving: int = 0  # receive threads writing the blocks
     error: BaseException | None = None
     aborted: bool = False
+    committed: bool = False  # the blocks now belong to the engine's request
     done: threading.Condition = field(default_factory=threading.Condition)
 
 
@@ -93,6 +93,7 @@ class Migrations:
         self.inst = inst
         self.max_stages = max_stages
         self.final_blocks = final_blocks  # pause once at most this many full blocks are new
+        self.announce = False  # tell the stream's consumer the destination before the switch
         self._arrivals: dict[str, _Arrival] = {}
         self._unclaimed: dict[str, threading.Timer] = {}  # committed, resume not opened yet
         self._active: set[str] = set()  # source side: migrations in progress
@@ -143,7 +144,12 @@ class Migrations:
                                            ticket, channel, dest)
                 rec["stages"] += 1
                 sent = full
-            # Final stage: pause, send what is left, hand over.
+            # Final stage: announce the destination on the request's stream (the router
+            # connects to it now, in parallel with the hand-over), pause, send what is left,
+            # hand over.
+            self.destination[request_id] = dest_id
+            if self.announce:
+                inst.aengine.notify(RequestOutput(request_id, [], [], 0, 0, False, "migrating"))
             paused = inst.aengine.call(lambda e: e.detach(request_id))
             t_pause = time.monotonic()
             if paused is None:
@@ -156,6 +162,7 @@ class Migrations:
                 rec["bytes"] += self._send(request_id, rec["stages"], cur.block_ids, sent, need,
                                            ticket, channel, dest)
                 rec["stages"] += 1
+            rec["pause_send_s"] = time.monotonic() - t_pause
             gen = paused.generator
             state = MigrationState(
                 request_id, paused.prompt_ids, list(paused.output_ids),
@@ -163,7 +170,6 @@ class Migrations:
                 gen.get_state().numpy().tobytes() if isinstance(gen, torch.Generator) else None)
             peers.migrate_commit(dest_id, state)
             rec["pause_s"] = time.monotonic() - t_pause
-            self.destination[request_id] = dest_id
             while len(self.destination) > 1024:  # bounded: drop the oldest
                 self.destination.pop(next(iter(self.destination)))
             inst.aengine.close_detached(paused, "migrate")
@@ -177,6 +183,7 @@ class Migrations:
         except BaseException as e:
             self.counts["failed"] += 1
             rec["error"] = f"{type(e).__name__}: {e}"
+            self.destination.pop(request_id, None)  # a later "migrate" end is a hand-back
             if paused is not None:  # resume here; if its stream is gone meanwhile, drop it
                 inst.aengine.reattach(paused)
             if ticket is not None:
@@ -343,17 +350,28 @@ class Migrations:
                 e.blocks.free_ids(ids[state.num_blocks:])
             return req
 
-        del self._arrivals[rid]
-        inst.aengine.adopt(add, loop)
+        arr.committed = True
+        try:
+            inst.aengine.adopt(add, loop)
+        except BaseException:
+            arr.committed = False
+            raise
+        # registered as unclaimed before it stops being an arrival: a ``claim`` waiting for
+        # the commit must find it in one place or the other
         timer = threading.Timer(inst.timeout, self._unclaimed_expired, (rid,))
         self._unclaimed[rid] = timer
+        del self._arrivals[rid]
         timer.start()
         self.counts["in"] += 1
         self._record({"request_id": rid, "dst": inst.info.instance_id, "side": "in",
                       "ok": True, "num_tokens": len(state.prompt_ids) + len(state.output_ids)})
 
-    def claim(self, request_id: str) -> None:
-        """The router opened the migrated request's stream."""
+    async def claim(self, request_id: str) -> None:
+        """The router opened the migrated request's stream (maybe before the commit: it
+        connects when the source announces the hand-over; then this waits for it)."""
+        deadline = time.monotonic() + self.inst.timeout
+        while request_id in self._arrivals and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
         timer = self._unclaimed.pop(request_id, None)
         if timer is None:
             raise MigrationError(f"no migrated request {request_id} waits here")
@@ -381,7 +399,7 @@ class Migrations:
 
     def _free(self, arr: _Arrival) -> None:
         rid = arr.ticket.request_id
-        if self._arrivals.get(rid) is arr:
+        if self._arrivals.get(rid) is arr and not arr.committed:
             del self._arrivals[rid]
             self.inst.aengine.call(lambda e: e.blocks.free_ids(arr.ticket.block_ids))
 

@@ -60,6 +60,7 @@ async def trio(tiny_llama):
         inst = Instance(EngineConfig(mc, CacheConfig(num_blocks=blocks), SchedulerConfig(role=role)),
                         iid, transfer_timeout_s=5.0, peers=mesh)
         mesh.by_id[iid] = inst
+        inst.migrations.announce = True  # the early-connect path (router: connect_early)
         if role == "decode":  # a tiny model decodes in ~0.1 ms: give steps a realistic pace
             step = inst.engine.step
             inst.engine.step = lambda: (time.sleep(0.003), step())[1]
@@ -81,7 +82,8 @@ def reference(path, prompts, sp):
 
 async def run(mesh: Mesh, pre: Instance, dec: Instance, rid: str, prompt, sp,
               migrate_at: list[tuple[int, str]] = ()) -> tuple[list[int], list[str]]:
-    """One request through prefill → ``dec``, following migrations like the router does;
+    """One request through prefill → ``dec``, following migrations like the router does
+    (connecting to the destination when the source announces the hand-over);
     ``migrate_at``: (after this many tokens, move to this instance)."""
     job = Job(rid, prompt, sp)
     res = await pre.prefill(job, dec.reserve(job))
@@ -90,8 +92,14 @@ async def run(mesh: Mesh, pre: Instance, dec: Instance, rid: str, prompt, sp,
     stream = dec.generate(rid, res.first_token, res.logprobs)
     where = dec
     pending = None  # the migration in progress (one at a time, like the router's controller)
+    early = None  # (destination, its resume stream, the task awaiting its first chunk)
     while True:
+        nxt = None
         async for c in stream:
+            if not c.finished and c.migrated_to:  # announced: connect to the destination now
+                agen = mesh.by_id[c.migrated_to].resume(rid)
+                early = (c.migrated_to, agen, asyncio.ensure_future(agen.__anext__()))
+                continue
             toks += c.token_ids
             if plan and len(toks) >= plan[0][0] and (pending is None or pending.done()) \
                     and rid not in where.migrations.destination:  # stream not yet switched
@@ -101,13 +109,21 @@ async def run(mesh: Mesh, pre: Instance, dec: Instance, rid: str, prompt, sp,
             if c.finished:
                 if c.finish_reason == "migrate":
                     assert c.migrated_to, "a migrated stream must say where it went"
-                    where = mesh.by_id[c.migrated_to]
-                    hops.append(c.migrated_to)
-                    stream = where.resume(rid)
-                    break
-                return toks, hops
-        else:
+                    nxt = c.migrated_to
+                break
+        if nxt is None:
             return toks, hops
+        assert early is not None and early[0] == nxt, "the hand-over was not announced"
+        where = mesh.by_id[nxt]
+        hops.append(nxt)
+        stream = _chain(await early[2], early[1])
+        early = None
+
+
+async def _chain(first, rest):
+    yield first
+    async for c in rest:
+        yield c
 
 
 def _try(src: Instance, rid: str, dest: str) -> None:
