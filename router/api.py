@@ -233,10 +233,12 @@ def build_fastapi(front_getter: Callable[[], Frontend]) -> FastAPI:
         to the other decode instances (live migration; recompute where that fails)."""
         m = _migrator(_front(front_getter))
         try:
-            n = await m.drain(body.instance_id)
+            n, dests = await m.drain(body.instance_id)
         except KeyError as e:
             raise NotFound(str(e.args[0])) from None
-        return {"instance_id": body.instance_id, "migrated": n}
+        except TimeoutError as e:
+            raise ServiceUnavailable(str(e)) from None
+        return {"instance_id": body.instance_id, "migrated": n, "to": dests}
 
     @app.post("/admin/migration", responses={401: _ERROR_RESPONSES[401]})
     async def admin_migration(body: MigrationSwitch):

@@ -77,7 +77,7 @@ class Ops:
         (live migration), else the instance's own (hand its requests back for recovery)."""
         migrator = getattr(self.front.orch, "migrator", None)
         if migrator is not None:
-            return int(await migrator.drain(instance_id))
+            return int((await migrator.drain(instance_id))[0])
         return int(await self.controller.handles["decode"].drain.remote(target=instance_id))
 
     def migration(self) -> dict | None:

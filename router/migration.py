@@ -32,9 +32,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .replica_router import live_replicas
+from .replica_router import TargetGone, live_replicas
 
 log = logging.getLogger(__name__)
+
+CALL_TIMEOUT_S = 5.0  # a stats call to a decode instance
+DRAIN_TIMEOUT_S = 120.0  # a whole drain (its migrations run one after another)
 
 
 @dataclass(frozen=True)
@@ -145,10 +148,22 @@ class MigrationController:
 
     async def loads(self) -> list[Load]:
         ids = await self.replicas()
-        stats = await asyncio.gather(*(self.decode.stats.remote(target=i) for i in ids),
+        stats = await asyncio.gather(*(asyncio.wait_for(self._targeted("stats", target=i),
+                                                        CALL_TIMEOUT_S) for i in ids),
                                      return_exceptions=True)
         return [Load(s.instance_id, s.free_blocks, s.total_blocks, s.running, s.draining)
                 for s in stats if not isinstance(s, BaseException)]
+
+    async def _targeted(self, method: str, *args, target: str):
+        """A call to one instance. This controller's handle is its own and may not know every
+        replica yet right after it was made: "not a live replica" is retried briefly."""
+        for attempt in range(4):
+            try:
+                return await getattr(self.decode, method).remote(*args, target=target)
+            except TargetGone:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(0.25 * (attempt + 1))
 
     async def tick(self) -> list[dict]:
         moves = self.policy.decide(await self.loads(), time.monotonic())
@@ -157,7 +172,7 @@ class MigrationController:
     async def move(self, m: Move, request_id: str | None = None) -> dict:
         ev = {"t": time.time(), "src": m.src, "dst": m.dst, "reason": m.reason, "ok": False}
         try:
-            rec = await self.decode.migrate.remote(request_id, m.dst, m.reason, target=m.src)
+            rec = await self._targeted("migrate", request_id, m.dst, m.reason, target=m.src)
             ev.update(ok=True, request_id=rec["request_id"], pause_ms=rec["pause_s"] * 1e3,
                       stages=rec["stages"])
             self.counts["migrations"] += 1
@@ -171,7 +186,7 @@ class MigrationController:
         self.events.append(ev)
         return ev
 
-    async def drain(self, instance_id: str) -> int:
+    async def drain(self, instance_id: str) -> tuple[int, list[str]]:
         """Scale-in: ``instance_id`` stops taking requests and its requests move to the other
         decode instances (live; by recompute where a live move fails)."""
         ids = await self.replicas()
@@ -179,12 +194,18 @@ class MigrationController:
             raise KeyError(f"no decode instance {instance_id!r}; live: {', '.join(ids) or 'none'}")
         dests = [x.instance_id for x in await self.loads()
                  if x.instance_id != instance_id and not x.draining]
-        n = await self.decode.drain.remote(dests, target=instance_id)
+        try:
+            n = await asyncio.wait_for(self._targeted("drain", dests, target=instance_id),
+                                       DRAIN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"draining {instance_id} did not finish within "
+                               f"{DRAIN_TIMEOUT_S:.0f} s; its requests go on or are recovered "
+                               "by the router") from None
         self.counts["drains"] += 1
         self.events.append({"t": time.time(), "src": instance_id, "dst": ",".join(dests),
                             "reason": "drain", "ok": True, "requests": n})
         log.info("drained %s: %d requests moved to %s", instance_id, n, dests or "recompute")
-        return n
+        return n, dests
 
     def snapshot(self) -> dict:
         return {"enabled": self.enabled, **self.counts, "by_reason": dict(self.by_reason),

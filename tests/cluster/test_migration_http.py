@@ -31,13 +31,36 @@ def mig(serve_http, cluster_model):
            router={"admin_token": "mig-admin", "policy": "least_loaded"},
            migration={"enabled": False, "interval_s": 0.3, "cooldown_s": 0.2},
            prefill={"replicas": 1, "num_blocks": 512},
-           decode={"replicas": 2, "num_blocks": 1024})
+           decode={"replicas": 2, "num_blocks": 2048})
     store = MetadataStore(redis.url)
     deadline = time.monotonic() + 60
     while len(store.live_instances("decode")) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     yield f"{serve_http}/mig", store
     serve.delete("mig")
+    redis.stop()
+
+
+@pytest.fixture
+def mig_fresh(serve_http, cluster_model):
+    """An app of its own (a fresh router process). Known issue: after many live migrations,
+    a router process's targeted calls to a busy decode replica can stall in Ray Serve 2.60's
+    routing (queue-length probes to it keep failing); the controller then skips that replica
+    (its stats calls time out) instead of hanging."""
+    from ray import serve
+
+    redis = RedisServer().start()
+    deploy("migb", cluster_model, redis_url=redis.url,
+           router={"admin_token": "mig-admin", "policy": "least_loaded"},
+           migration={"enabled": False, "interval_s": 0.3, "cooldown_s": 0.2},
+           prefill={"replicas": 1, "num_blocks": 512},
+           decode={"replicas": 2, "num_blocks": 2048})
+    store = MetadataStore(redis.url)
+    deadline = time.monotonic() + 60
+    while len(store.live_instances("decode")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    yield f"{serve_http}/migb", store, "migb"
+    serve.delete("migb")
     redis.stop()
 
 
@@ -71,10 +94,10 @@ async def stream(c, url, prompt, n, seen: dict) -> str:
     return "".join(out)
 
 
-async def decode_stats(store):
+async def decode_stats(store, app="mig"):
     from ray import serve
 
-    h = serve.get_deployment_handle("decode", app_name="mig")
+    h = serve.get_deployment_handle("decode", app_name=app)
     ids = store.live_instances("decode")
     return {i: await h.stats.remote(target=i) for i in ids}
 
@@ -90,6 +113,36 @@ async def admin_stats(c, url) -> dict:
     r = await c.get(f"{url}/admin/stats", headers=ADMIN)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+async def test_drain_moves_every_request_live_and_leaves_replica_empty(mig, ref):
+    url, store = mig
+    ps, n = prompts(6, seed=2), 3000
+    seen = {"n": 0}
+    async with httpx.AsyncClient(timeout=300) as c:
+        r = await c.post(f"{url}/admin/drain", json={"instance_id": "nope"}, headers=ADMIN)
+        assert r.status_code == 404 and "no decode instance" in r.text
+        before = await admin_stats(c, url)
+        tasks = [asyncio.create_task(stream(c, url, p, n, seen)) for p in ps]
+        await until(lambda: asyncio.sleep(0, seen["n"] >= 6 * 8))
+        st = await decode_stats(store)
+        busiest = max(st, key=lambda i: st[i].running)
+        r = await c.post(f"{url}/admin/drain", json={"instance_id": busiest}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert r.json()["migrated"] >= 1
+        drained = (await decode_stats(store))[busiest]
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        after = await admin_stats(c, url)
+        from ray import serve
+
+        await serve.get_deployment_handle("decode", app_name="mig").undrain.remote(target=busiest)
+    assert got == ref(ps, n)
+    assert drained.draining and drained.running == 0  # empty right after the drain call
+    # live moves, not recompute: the router followed them; nothing had to be recovered
+    o, o0 = after["orchestrator"], before["orchestrator"]
+    assert o["migrations"] - o0["migrations"] == r.json()["migrated"], (r.json(), o)
+    assert o["recoveries"] == o0["recoveries"]
+    assert after["migration"]["drains"] == before["migration"]["drains"] + 1
 
 
 async def test_requests_migrated_back_and_forth_mid_stream_are_exact(mig, ref):
@@ -124,54 +177,26 @@ async def test_requests_migrated_back_and_forth_mid_stream_are_exact(mig, ref):
     await until(idle, 30)
 
 
-async def test_drain_moves_every_request_live_and_leaves_replica_empty(mig, ref):
-    url, store = mig
-    ps, n = prompts(6, seed=2), 1200
-    seen = {"n": 0}
-    async with httpx.AsyncClient(timeout=300) as c:
-        r = await c.post(f"{url}/admin/drain", json={"instance_id": "nope"}, headers=ADMIN)
-        assert r.status_code == 404 and "no decode instance" in r.text
-        before = await admin_stats(c, url)
-        tasks = [asyncio.create_task(stream(c, url, p, n, seen)) for p in ps]
-        await until(lambda: asyncio.sleep(0, seen["n"] >= 6 * 8))
-        st = await decode_stats(store)
-        busiest = max(st, key=lambda i: st[i].running)
-        r = await c.post(f"{url}/admin/drain", json={"instance_id": busiest}, headers=ADMIN)
-        assert r.status_code == 200, r.text
-        assert r.json()["migrated"] >= 1
-        drained = (await decode_stats(store))[busiest]
-        got = await asyncio.wait_for(asyncio.gather(*tasks), 300)
-        after = await admin_stats(c, url)
-        from ray import serve
-
-        await serve.get_deployment_handle("decode", app_name="mig").undrain.remote(target=busiest)
-    assert got == ref(ps, n)
-    assert drained.draining and drained.running == 0  # empty right after the drain call
-    # live moves, not recompute: the router followed them; nothing had to be recovered
-    o, o0 = after["orchestrator"], before["orchestrator"]
-    assert o["migrations"] - o0["migrations"] == r.json()["migrated"]
-    assert o["recoveries"] == o0["recoveries"]
-    assert after["migration"]["drains"] == before["migration"]["drains"] + 1
-
-
-async def test_imbalance_trigger_spreads_requests(mig, ref):
+async def test_imbalance_trigger_spreads_requests(mig_fresh, ref):
     from ray import serve
 
-    url, store = mig
-    decode = serve.get_deployment_handle("decode", app_name="mig")
+    url, store, app = mig_fresh
+    decode = serve.get_deployment_handle("decode", app_name=app)
     ids = sorted(store.live_instances("decode"))
-    ps, n = prompts(6, seed=3), 1200
+    ps, n = prompts(6, seed=3), 2000
     seen = {"n": 0}
     async with httpx.AsyncClient(timeout=300) as c:
         await decode.drain.remote([], target=ids[1])  # everything lands on ids[0] ...
         tasks = [asyncio.create_task(stream(c, url, p, n, seen)) for p in ps]
         await until(lambda: asyncio.sleep(0, seen["n"] >= 6 * 5))
         await decode.undrain.remote(target=ids[1])  # ... then the pool is lopsided
+        st = await decode_stats(store, app)
+        assert (st[ids[0]].running, st[ids[1]].running) == (6, 0), st
         r = await c.post(f"{url}/admin/migration", json={"enabled": True}, headers=ADMIN)
         assert r.status_code == 200 and r.json()["enabled"] is True
 
         async def balanced():
-            st = await decode_stats(store)
+            st = await decode_stats(store, app)
             return st[ids[1]].running >= 2
 
         await until(balanced, 60)
