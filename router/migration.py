@@ -192,8 +192,11 @@ class MigrationController:
         ids = await self.replicas()
         if instance_id not in ids:
             raise KeyError(f"no decode instance {instance_id!r}; live: {', '.join(ids) or 'none'}")
-        dests = [x.instance_id for x in await self.loads()
-                 if x.instance_id != instance_id and not x.draining]
+        # every other live instance, unless its stats say it drains (a stats call that times
+        # out must not leave the drain with nowhere to go: a destination that cannot take a
+        # request refuses it, and that request is handed back for recompute instead)
+        draining = {x.instance_id for x in await self.loads() if x.draining}
+        dests = [i for i in ids if i != instance_id and i not in draining]
         try:
             n = await asyncio.wait_for(self._targeted("drain", dests, target=instance_id),
                                        DRAIN_TIMEOUT_S)
