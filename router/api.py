@@ -217,15 +217,12 @@ def build_fastapi(front_getter: Callable[[], Frontend]) -> FastAPI:
         """Prometheus text format (unauthenticated, like most scrape endpoints)."""
         from fastapi.responses import Response
 
-        from .metrics import render
+        from .metrics import observe_migration, render
 
         f = _front(front_getter)
-        stats = dict(f.orch.stats)
-        if f.orch.migrator is not None:  # live migrations by trigger, failures, drains
-            m = f.orch.migrator
-            stats.update({f"migrations_{r}": n for r, n in m.by_reason.items()})
-            stats.update(migrations_failed=m.counts["failed"], drains=m.counts["drains"])
-        return Response(render(stats), media_type="text/plain; version=0.0.4")
+        if f.orch.migrator is not None:  # fresh at every scrape, not only on console ticks
+            observe_migration(f.orch.migrator.snapshot())
+        return Response(render(dict(f.orch.stats)), media_type="text/plain; version=0.0.4")
 
     @app.post("/admin/drain", responses={401: _ERROR_RESPONSES[401]})
     async def admin_drain(body: DrainRequest):

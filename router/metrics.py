@@ -75,7 +75,7 @@ DECISION_TARGET = Gauge("pdserve_autoscaler_target_replicas", "Replicas the late
                         "decision asked for", ["pool"], registry=REGISTRY)
 
 MIGRATION = Gauge("pdserve_migration_events", "Live-migration counters since start "
-                  "(migrations, failed, drains)", ["event"], registry=REGISTRY)
+                  "(migrations, migrations_<trigger>, failed, drains)", ["event"], registry=REGISTRY)
 
 
 class SloWindow:
@@ -204,6 +204,8 @@ def observe_migration(snapshot: dict | None) -> None:
     for k, v in (snapshot or {}).items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             MIGRATION.labels(k).set(v)
+    for reason, n in (snapshot or {}).get("by_reason", {}).items():
+        MIGRATION.labels(f"migrations_{reason}").set(n)
 
 
 def observe_decision(rec: dict) -> None:

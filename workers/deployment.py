@@ -220,8 +220,8 @@ class _ServePeers:
             raise RuntimeError("no handle to the decode pool")
         return self._decode
 
-    def _call(self, method: str, *args, target: str):
-        return getattr(self.decode, method).remote(*args, target=target).result(
+    def _call(self, method: str, *args, target: str, **kwargs):
+        return getattr(self.decode, method).remote(*args, target=target, **kwargs).result(
             timeout_s=self.timeout)
 
     def info(self, instance_id: str):
@@ -245,12 +245,10 @@ class _ServePeers:
         self._call("migrate_cancel", request_id, target=instance_id)
 
     def open_channel(self, peer: PeerId, src: PeerId) -> ChannelOffer:
-        return self.decode.open_channel.remote(src, target=peer.instance_id, rank=peer.rank
-                                               ).result(timeout_s=self.timeout)
+        return self._call("open_channel", src, target=peer.instance_id, rank=peer.rank)
 
     def expect(self, desc: ReceiveDescriptor, src: PeerId, layout: KVLayout) -> None:
-        self.decode.expect.remote(desc.request_id, src, layout,
-                                  target=desc.decode.instance_id).result(timeout_s=self.timeout)
+        self._call("expect", desc.request_id, src, layout, target=desc.decode.instance_id)
 
 
 def _channel_host() -> str:

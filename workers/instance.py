@@ -364,11 +364,11 @@ class Instance:
         (round robin) where possible, else handed back to the router, which continues it on
         another decode instance by recompute. Returns how many requests left."""
         self.draining = True
-        ids = self.aengine.call(lambda e: [r.request_id for r in e.scheduler.running
-                                           + list(e.scheduler.waiting)])
+        reqs = self.aengine.call(lambda e: [(r.request_id, not r.in_prefill) for r in
+                                            e.scheduler.running + list(e.scheduler.waiting)])
         moved = 0
-        for k, rid in enumerate(ids):
-            if dests:
+        for k, (rid, decoding) in enumerate(reqs):
+            if dests and decoding:  # only a decoding request can move live
                 try:
                     self.migrations.migrate(rid, dests[k % len(dests)], "drain")
                     moved += 1
@@ -377,8 +377,8 @@ class Instance:
                     pass
             self.aengine.end(rid, "migrate")
         log.info("%s draining: %d requests migrated, %d handed back", self.info.instance_id,
-                 moved, len(ids) - moved)
-        return len(ids)
+                 moved, len(reqs) - moved)
+        return len(reqs)
 
     def undrain(self) -> None:
         self.draining = False

@@ -4,19 +4,18 @@ with requests queued, a drained decode replica, and many clients disconnecting."
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
 
 import httpx
 import pytest
-from serve_helpers import deploy
-
 from pdserve.cluster.launcher import RedisServer
 from pdserve.cluster.metadata import MetadataStore
 from pdserve.workers.llm import LLM
 from pdserve.workers.request import SamplingParams
+from serve_helpers import deploy, wait_until
+from serve_helpers import stream_completion as stream
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -55,22 +54,6 @@ def prompts(k: int, seed: int = 0) -> list[list[int]]:
     return [[(seed * 17 + 7 * i + j) % 300 + 3 for j in range(6 + 5 * i)] for i in range(k)]
 
 
-async def stream(c, url, prompt, n=N, on_token=None) -> str:
-    out = []
-    async with c.stream("POST", f"{url}/v1/completions",
-                        json={"prompt": prompt, "max_tokens": n, "temperature": 0,
-                              "ignore_eos": True, "stream": True}) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                d = json.loads(line[6:])
-                assert "error" not in d, d
-                out.append(d["choices"][0]["text"])
-                if on_token:
-                    on_token()
-    return "".join(out)
-
-
 async def instance_stats(role: str, store: MetadataStore):
     from ray import serve
 
@@ -82,13 +65,6 @@ async def instance_stats(role: str, store: MetadataStore):
         except Exception:  # noqa: BLE001 - a replica that just died
             pass
     return out
-
-
-async def wait_until(cond, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.2)
 
 
 async def test_decode_replica_killed_mid_stream(ft, ref):

@@ -5,29 +5,27 @@ imbalance trigger — every stream equal to the unmigrated greedy output."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
 import pytest
-from serve_helpers import deploy
-
 from pdserve.cluster.launcher import RedisServer
 from pdserve.cluster.metadata import MetadataStore
 from pdserve.workers.llm import LLM
 from pdserve.workers.request import SamplingParams
+from serve_helpers import deploy, stream_completion, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
 ADMIN = {"Authorization": "Bearer mig-admin"}
 
 
-@pytest.fixture(scope="module")
-def mig(serve_http, cluster_model):
+def _mig_app(serve_http, model, name: str):
+    """A disaggregated app with 2 decode replicas, a real Redis and manual migration."""
     from ray import serve
 
     redis = RedisServer().start()
-    deploy("mig", cluster_model, redis_url=redis.url,
+    deploy(name, model, redis_url=redis.url,
            router={"admin_token": "mig-admin", "policy": "least_loaded"},
            migration={"enabled": False, "interval_s": 0.3, "cooldown_s": 0.2},
            prefill={"replicas": 1, "num_blocks": 512},
@@ -36,9 +34,14 @@ def mig(serve_http, cluster_model):
     deadline = time.monotonic() + 60
     while len(store.live_instances("decode")) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    yield f"{serve_http}/mig", store
-    serve.delete("mig")
+    yield f"{serve_http}/{name}", store
+    serve.delete(name)
     redis.stop()
+
+
+@pytest.fixture(scope="module")
+def mig(serve_http, cluster_model):
+    yield from _mig_app(serve_http, cluster_model, "mig")
 
 
 @pytest.fixture
@@ -47,21 +50,8 @@ def mig_fresh(serve_http, cluster_model):
     a router process's targeted calls to a busy decode replica can stall in Ray Serve 2.60's
     routing (queue-length probes to it keep failing); the controller then skips that replica
     (its stats calls time out) instead of hanging."""
-    from ray import serve
-
-    redis = RedisServer().start()
-    deploy("migb", cluster_model, redis_url=redis.url,
-           router={"admin_token": "mig-admin", "policy": "least_loaded"},
-           migration={"enabled": False, "interval_s": 0.3, "cooldown_s": 0.2},
-           prefill={"replicas": 1, "num_blocks": 512},
-           decode={"replicas": 2, "num_blocks": 2048})
-    store = MetadataStore(redis.url)
-    deadline = time.monotonic() + 60
-    while len(store.live_instances("decode")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    yield f"{serve_http}/migb", store, "migb"
-    serve.delete("migb")
-    redis.stop()
+    for url, store in _mig_app(serve_http, cluster_model, "migb"):
+        yield url, store, "migb"
 
 
 @pytest.fixture(scope="module")
@@ -79,19 +69,10 @@ def prompts(k: int, seed: int) -> list[list[int]]:
     return [[(seed * 13 + 5 * i + j) % 300 + 3 for j in range(20 + 9 * i)] for i in range(k)]
 
 
-async def stream(c, url, prompt, n, seen: dict) -> str:
-    out = []
-    async with c.stream("POST", f"{url}/v1/completions",
-                        json={"prompt": prompt, "max_tokens": n, "temperature": 0,
-                              "ignore_eos": True, "stream": True}) as r:
-        assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                d = json.loads(line[6:])
-                assert "error" not in d, d
-                out.append(d["choices"][0]["text"])
-                seen["n"] += 1
-    return "".join(out)
+def stream(c, url, prompt, n, seen: dict):
+    """A streamed completion that counts its chunks in ``seen["n"]``."""
+    return stream_completion(c, url, prompt, n,
+                             on_token=lambda: seen.__setitem__("n", seen["n"] + 1))
 
 
 async def decode_stats(store, app="mig"):
@@ -100,13 +81,6 @@ async def decode_stats(store, app="mig"):
     h = serve.get_deployment_handle("decode", app_name=app)
     ids = store.live_instances("decode")
     return {i: await h.stats.remote(target=i) for i in ids}
-
-
-async def until(cond, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.1)
 
 
 async def admin_stats(c, url) -> dict:
@@ -124,7 +98,7 @@ async def test_drain_moves_every_request_live_and_leaves_replica_empty(mig, ref)
         assert r.status_code == 404 and "no decode instance" in r.text
         before = await admin_stats(c, url)
         tasks = [asyncio.create_task(stream(c, url, p, n, seen)) for p in ps]
-        await until(lambda: asyncio.sleep(0, seen["n"] >= 6 * 8))
+        await wait_until(lambda: asyncio.sleep(0, seen["n"] >= 6 * 8), 60)
         st = await decode_stats(store)
         busiest = max(st, key=lambda i: st[i].running)
         r = await c.post(f"{url}/admin/drain", json={"instance_id": busiest}, headers=ADMIN)
@@ -157,7 +131,7 @@ async def test_requests_migrated_back_and_forth_mid_stream_are_exact(mig, ref):
         tasks = [asyncio.create_task(stream(c, url, p, n, seen)) for p in ps]
         moved = 0
         for k in range(6):  # six moves, each from the busier instance to the other
-            await until(lambda k=k: asyncio.sleep(0, seen["n"] >= 4 * (10 + 150 * k)))
+            await wait_until(lambda k=k: asyncio.sleep(0, seen["n"] >= 4 * (10 + 150 * k)), 60)
             st = await decode_stats(store)
             src = max(st, key=lambda i: st[i].running)
             dst = next(i for i in st if i != src)
@@ -174,7 +148,7 @@ async def test_requests_migrated_back_and_forth_mid_stream_are_exact(mig, ref):
         return all(s.running == 0 and s.free_blocks == s.total_blocks
                    for s in (await decode_stats(store)).values())
 
-    await until(idle, 30)
+    await wait_until(idle, 30)
 
 
 async def test_imbalance_trigger_spreads_requests(mig_fresh, ref):
@@ -193,7 +167,7 @@ async def test_imbalance_trigger_spreads_requests(mig_fresh, ref):
             st = await decode_stats(store, app)
             return (st[ids[0]].running, st[ids[1]].running) == (6, 0)
 
-        await until(all_on_first, 60)
+        await wait_until(all_on_first, 60)
         await decode.undrain.remote(target=ids[1])  # ... then the pool is lopsided
         r = await c.post(f"{url}/admin/migration", json={"enabled": True}, headers=ADMIN)
         assert r.status_code == 200 and r.json()["enabled"] is True
@@ -202,7 +176,7 @@ async def test_imbalance_trigger_spreads_requests(mig_fresh, ref):
             st = await decode_stats(store, app)
             return st[ids[1]].running >= 2
 
-        await until(balanced, 60)
+        await wait_until(balanced, 60)
         got = await asyncio.wait_for(asyncio.gather(*tasks), 300)
         r = await c.post(f"{url}/admin/migration", json={"enabled": False}, headers=ADMIN)
         events = r.json()["events"]
